@@ -1,0 +1,264 @@
+"""Typed experiment configuration: one YAML per experiment, `key.sub=value` overrides.
+
+Every section is a dataclass; loading checks every key and every value's type and
+raises `ConfigError` naming the offending key (`train.lr: expected float, got 'abc'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 200
+    num_test: int = 500
+    image_size: int = 64
+    max_objects: int = 3
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # a name registered in pipeline.data.sources
+    name: str = "synthetic"  # dataset name used in output paths
+    root: Optional[str] = None  # dataset folder; synthetic default: <workdir>/data/<name>
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ShardConfig:
+    shard_size: int = 1000  # samples per tar
+    jpeg_quality: int = 95  # used only when a source image is not already a JPEG
+
+
+@dataclass
+class FeaturesConfig:
+    extractor: str = "open_clip"
+    model: str = "itr-vit-tiny-64"  # open_clip model name (built-in or pipeline/features/model_configs)
+    pretrained: Optional[str] = None  # open_clip tag from the local cache, a checkpoint path, or None (random init)
+    seed: int = 0  # weight init seed when pretrained is None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 256
+    num_gpus: float = 0.0  # per extraction actor
+    store_tokens: bool = True  # keep patch tokens and per-token text features
+
+
+@dataclass
+class TrainConfig:
+    method: str = "infonce"
+    epochs: int = 10
+    batch_size: int = 512  # global batch, split over the workers
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    temperature: float = 0.05
+    embed_dim: int = 256
+    hidden_dim: int = 1024
+    queue_size: int = 4096  # 0 disables the momentum queue
+    momentum: float = 0.995
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    chunk_size: int = 1024
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db
+    experiment: str = "itr"
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # default: $RAY_ADDRESS, else a local Ray sized to the machine
+    num_cpus: Optional[int] = None  # local Ray only
+
+
+@dataclass
+class Config:
+    workdir: str = "work"
+    data: DataConfig = field(default_factory=DataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def data_root(self) -> Path:
+        """Returns the dataset folder: `data.root`, or `<workdir>/data/<name>` when unset."""
+        if self.data.root:
+            return Path(self.data.root).expanduser().resolve()
+        return self.workdir_path / "data" / self.data.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.workdir_path}/mlflow.db"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Returns `value` checked against (and, for numbers from strings, converted to) type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this module, not in the YAML
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Returns (dotted key, YAML-parsed value) from a `key.sub=value` override."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Returns the validated `Config` from a YAML file (or defaults) plus `key.sub=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raises ConfigError for values that type-check but cannot work."""
+    positive = {
+        "shard.shard_size": cfg.shard.shard_size,
+        "features.batch_size": cfg.features.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.num_workers": cfg.train.num_workers,
+        "train.embed_dim": cfg.train.embed_dim,
+        "train.hidden_dim": cfg.train.hidden_dim,
+        "eval.chunk_size": cfg.eval.chunk_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.features.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"features.precision: expected auto|fp32|bf16|fp16, got {cfg.features.precision!r}")
+    if cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={cfg.train.num_workers}"
+        )
+    if cfg.train.queue_size and cfg.train.queue_size % cfg.train.batch_size:
+        raise ConfigError(
+            f"train.queue_size: {cfg.train.queue_size} is not a multiple of the global batch {cfg.train.batch_size} "
+            "(every step must write one whole global batch into the queue)"
+        )
+    if not 0.0 <= cfg.train.momentum < 1.0:
+        raise ConfigError(f"train.momentum: must be in [0, 1), got {cfg.train.momentum}")
+    if cfg.train.temperature <= 0:
+        raise ConfigError(f"train.temperature: must be positive, got {cfg.train.temperature}")
+    if not cfg.eval.ks or min(cfg.eval.ks) < 1:
+        raise ConfigError(f"eval.ks: expected positive integers, got {cfg.eval.ks}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Returns the config as a plain nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Returns {'a.b.c': value} for a nested dict (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

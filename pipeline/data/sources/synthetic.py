@@ -1,0 +1,519 @@
+"""Deterministic synthetic image-text retrieval dataset of coloured shapes on a 3x3 grid.
+
+`generate` writes, under one folder: a Karpathy split file (`dataset_synthetic.json`), JPEG images
+(`images/`), NUS-WIDE-style label files (`Concepts81.txt`, `ImageList/`, `Groundtruth/AllLabels/`,
+`NUS_WID_Tags/`), the retrieval ceiling (`ceiling.json`) and a summary (`synth.json`, written last).
+
+Each scene has 1..max_objects objects (shape, colour, size, grid cell; no two share shape and colour).
+Each image has 5 distinct captions describing all of its objects; each caption keeps its meaning as
+a `CaptionMeaning`, which the ceiling (best R@1 a perfect model could reach) is computed from.
+Everything is drawn from `numpy.random.default_rng` seeded by (seed, image index), so a given seed
+and sizes give byte-identical files whatever the generation order.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pipeline.data.karpathy import read_karpathy
+from pipeline.data.sample import Sample
+from pipeline.data.sources.nuswide import read_concept_labels
+from pipeline.io import atomic_dir
+
+CODE_VERSION = 1
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+RELATIONS = ("left of", "right of", "above", "below")
+CONCEPTS = SHAPES + COLOURS
+ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+CAPTIONS_PER_IMAGE = 5
+
+COLOUR_RGB = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
+    "purple": (150, 60, 200), "orange": (245, 140, 30), "cyan": (40, 210, 220), "white": (240, 240, 240),
+}
+SIZE_RADIUS = {"small": 0.26, "large": 0.42}  # object radius as a fraction of the grid cell
+JITTER = 0.5  # fraction of the free space between an object and its cell border used for jitter
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+POSITION_PHRASES = {
+    "top left": "in the top left", "top": "at the top", "top right": "in the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
+}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+KARPATHY_FILE = "dataset_synthetic.json"
+IMAGE_DIR = "images"
+SPLITS = ("train", "val", "test")
+CEILING_SPLITS = ("test", "val")
+
+
+# ----------------------------------------------------------------------------- scenes and meanings
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object; `jitter_x/y` in [-1, 1] shift it inside its grid cell."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str  # one of POSITIONS
+    jitter_x: float = 0.0
+    jitter_y: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The objects of one image, in drawing order."""
+
+    objects: tuple[SceneObject, ...]
+
+
+@dataclass(frozen=True)
+class ObjectMention:
+    """What a caption says about one object; None = attribute not mentioned."""
+
+    shape: str | None = None
+    colour: str | None = None
+    size: str | None = None
+    position: str | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """Returns {attribute name: value} of the mentioned attributes."""
+        values = {"shape": self.shape, "colour": self.colour, "size": self.size, "position": self.position}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Relation:
+    """Mentioned object `subject` is `relation` (one of RELATIONS) mentioned object `reference`."""
+
+    subject: int
+    relation: str
+    reference: int
+
+
+@dataclass(frozen=True)
+class CaptionMeaning:
+    """Structured content of a caption: one mention per scene object, and at most one relation."""
+
+    objects: tuple[ObjectMention, ...]
+    relation: Relation | None = None
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    meaning: CaptionMeaning
+
+
+def relation_holds(relation: str, subject: SceneObject, reference: SceneObject) -> bool:
+    """True when `subject` is `relation` `reference` judging by their grid rows and columns."""
+    subject_row, subject_col = divmod(POSITIONS.index(subject.position), 3)
+    reference_row, reference_col = divmod(POSITIONS.index(reference.position), 3)
+    return {
+        "left of": subject_col < reference_col,
+        "right of": subject_col > reference_col,
+        "above": subject_row < reference_row,
+        "below": subject_row > reference_row,
+    }[relation]
+
+
+def is_consistent(meaning: CaptionMeaning, scene: Scene) -> bool:
+    """True when the scene has as many objects as the caption describes and some one-to-one assignment
+    of mentions to objects satisfies every mentioned attribute and the relation."""
+    objects = scene.objects
+    if len(meaning.objects) != len(objects):
+        return False
+    candidates = [
+        [j for j, obj in enumerate(objects) if all(getattr(obj, k) == v for k, v in mention.attributes().items())]
+        for mention in meaning.objects
+    ]
+    assignment: list[int] = []
+
+    def extend() -> bool:
+        if len(assignment) == len(candidates):
+            rel = meaning.relation
+            return rel is None or relation_holds(
+                rel.relation, objects[assignment[rel.subject]], objects[assignment[rel.reference]]
+            )
+        for j in candidates[len(assignment)]:
+            if j not in assignment:
+                assignment.append(j)
+                if extend():
+                    return True
+                assignment.pop()
+        return False
+
+    return extend()
+
+
+# ----------------------------------------------------------------------------- sampling and drawing
+
+
+def sample_scene(rng: np.random.Generator, max_objects: int) -> Scene:
+    """Returns a scene of 1..max_objects objects in distinct cells with distinct (shape, colour) pairs."""
+    count = int(rng.integers(1, max_objects + 1))
+    cells = rng.choice(len(POSITIONS), size=count, replace=False)
+    kinds = rng.choice(len(SHAPES) * len(COLOURS), size=count, replace=False)
+    sizes = rng.integers(0, len(SIZES), size=count)
+    jitters = rng.uniform(-1.0, 1.0, size=(count, 2))
+    return Scene(tuple(
+        SceneObject(
+            shape=SHAPES[kind // len(COLOURS)], colour=COLOURS[kind % len(COLOURS)], size=SIZES[size],
+            position=POSITIONS[cell], jitter_x=float(jx), jitter_y=float(jy),
+        )
+        for cell, kind, size, (jx, jy) in zip(cells, kinds, sizes, jitters)
+    ))
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Returns an RGB image of `image_size` x `image_size` px: a noisy dark background with the objects."""
+    noise = rng.standard_normal(size=(image_size, image_size, 3), dtype=np.float32)
+    background = rng.integers(8, 40, size=3).astype(np.float32) + 5.0 * noise
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    cell = image_size / 3
+    for obj in scene.objects:
+        row, col = divmod(POSITIONS.index(obj.position), 3)
+        radius = SIZE_RADIUS[obj.size] * cell
+        slack = (cell / 2 - radius) * JITTER
+        x = (col + 0.5) * cell + obj.jitter_x * slack
+        y = (row + 0.5) * cell + obj.jitter_y * slack
+        _draw_shape(draw, obj.shape, x, y, radius, COLOUR_RGB[obj.colour])
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, fill: tuple) -> None:
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        half = 0.85 * r
+        draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x + 0.95 * r, y + 0.8 * r), (x - 0.95 * r, y + 0.8 * r)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    elif shape == "cross":
+        arm = 0.35 * r
+        draw.rectangle((x - r, y - arm, x + r, y + arm), fill=fill)
+        draw.rectangle((x - arm, y - r, x + arm, y + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Writes `image` as a quality-90 JPEG."""
+    image.save(path, format="JPEG", quality=90)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _mention(obj: SceneObject, *, shape=False, colour=False, size=False, position=False) -> ObjectMention:
+    return ObjectMention(
+        shape=obj.shape if shape else None, colour=obj.colour if colour else None,
+        size=obj.size if size else None, position=obj.position if position else None,
+    )
+
+
+def _phrase(mention: ObjectMention, rng: np.random.Generator, definite: bool = False) -> str:
+    """Noun phrase for a mention, e.g. 'a big red circle in the top left' or 'the blue shape'."""
+    words = []
+    if mention.size:
+        synonyms = SIZE_WORDS[mention.size]
+        words.append(synonyms[int(rng.integers(len(synonyms)))])
+    if mention.colour:
+        words.append(mention.colour)
+    words.append(mention.shape or "shape")
+    article = "the" if definite else ("an" if words[0][0] in "aeiou" else "a")
+    phrase = " ".join([article, *words])
+    return f"{phrase} {POSITION_PHRASES[mention.position]}" if mention.position else phrase
+
+
+def _join(phrases: Sequence[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"
+
+
+def _caption_listing(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'a large red circle and a small blue square'"""
+    mentions = [_mention(o, shape=True, colour=True, size=True) for o in objects]
+    return Caption(_join([_phrase(m, rng) for m in mentions]), CaptionMeaning(tuple(mentions)))
+
+
+def _caption_counted(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'two shapes: a blue square and a red circle'"""
+    mentions = [_mention(o, shape=True, colour=True) for o in objects]
+    noun = "shape" if len(objects) == 1 else "shapes"
+    text = f"{NUMBER_WORDS[len(objects)]} {noun}: {_join([_phrase(m, rng) for m in mentions])}"
+    return Caption(text, CaptionMeaning(tuple(mentions)))
+
+
+def _caption_located(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'a small blue square in the bottom right and a big red circle on the left'"""
+    mentions = [_mention(o, shape=True, colour=True, size=True, position=True) for o in objects]
+    return Caption(_join([_phrase(m, rng) for m in mentions]), CaptionMeaning(tuple(mentions)))
+
+
+def _caption_image_with(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'an image with a small square at the top and a large circle on the left' (no colours)"""
+    mentions = [_mention(o, shape=True, size=True, position=True) for o in objects]
+    return Caption(f"an image with {_join([_phrase(m, rng) for m in mentions])}", CaptionMeaning(tuple(mentions)))
+
+
+def _caption_dark_background(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'a dark background with a blue shape in the bottom right and a red shape on the left' (no shapes)"""
+    mentions = [_mention(o, colour=True, position=True) for o in objects]
+    text = f"a dark background with {_join([_phrase(m, rng) for m in mentions])}"
+    return Caption(text, CaptionMeaning(tuple(mentions)))
+
+
+def _true_relation(subject: SceneObject, reference: SceneObject, rng: np.random.Generator) -> str:
+    holding = [rel for rel in RELATIONS if relation_holds(rel, subject, reference)]
+    return holding[int(rng.integers(len(holding)))]
+
+
+def _caption_relation_phrase(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'a large red circle to the left of a small blue square, with a green triangle'"""
+    mentions = [_mention(o, shape=True, colour=True, size=i < 2) for i, o in enumerate(objects)]
+    relation = _true_relation(objects[0], objects[1], rng)
+    text = f"{_phrase(mentions[0], rng)} {RELATION_PHRASES[relation]} {_phrase(mentions[1], rng)}"
+    if len(mentions) > 2:
+        text += f", with {_join([_phrase(m, rng) for m in mentions[2:]])}"
+    return Caption(text, CaptionMeaning(tuple(mentions), Relation(0, relation, 1)))
+
+
+def _caption_relation_sentence(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """'the red circle is above the blue square, and there is also a green triangle'"""
+    mentions = [_mention(o, shape=True, colour=True) for o in objects]
+    relation = _true_relation(objects[0], objects[1], rng)
+    text = (f"{_phrase(mentions[0], rng, definite=True)} is {RELATION_PHRASES[relation]} "
+            f"{_phrase(mentions[1], rng, definite=True)}")
+    if len(mentions) > 2:
+        text += f", and there is also {_join([_phrase(m, rng) for m in mentions[2:]])}"
+    return Caption(text, CaptionMeaning(tuple(mentions), Relation(0, relation, 1)))
+
+
+CaptionTemplate = Callable[[Sequence[SceneObject], np.random.Generator], Caption]
+PLAIN_TEMPLATES: tuple[CaptionTemplate, ...] = (
+    _caption_listing, _caption_counted, _caption_located, _caption_image_with, _caption_dark_background,
+)
+RELATION_TEMPLATES: tuple[CaptionTemplate, ...] = (_caption_relation_phrase, _caption_relation_sentence)
+
+
+def write_captions(scene: Scene, rng: np.random.Generator) -> list[Caption]:
+    """Returns 5 captions with distinct templates, each mentioning every object (in a random order).
+
+    One-object scenes use the 5 plain templates; larger ones 4 of them plus one relation template.
+    """
+    templates = list(PLAIN_TEMPLATES)
+    if len(scene.objects) > 1:
+        del templates[int(rng.integers(len(templates)))]
+        templates.append(RELATION_TEMPLATES[int(rng.integers(len(RELATION_TEMPLATES)))])
+    captions = []
+    for t in rng.permutation(len(templates)):
+        objects = [scene.objects[j] for j in rng.permutation(len(scene.objects))]
+        captions.append(templates[t](objects, rng))
+    return captions
+
+
+def tokenize(text: str) -> list[str]:
+    """Returns the lowercase words of `text` (punctuation dropped)."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def concepts_of(scene: Scene) -> list[str]:
+    """Returns the scene's shape and colour names, in CONCEPTS order."""
+    present = {o.shape for o in scene.objects} | {o.colour for o in scene.objects}
+    return [c for c in CONCEPTS if c in present]
+
+
+def make_image(seed: int, index: int, image_size: int, max_objects: int) -> tuple[Scene, list[Caption], Image.Image]:
+    """Returns the (scene, 5 captions, image) of image `index`; scene and captions do not depend on
+    image_size (separate random streams)."""
+    scene_seed, render_seed = np.random.SeedSequence([seed, index]).spawn(2)
+    scene_rng = np.random.default_rng(scene_seed)
+    scene = sample_scene(scene_rng, max_objects)
+    captions = write_captions(scene, scene_rng)
+    return scene, captions, render_scene(scene, image_size, np.random.default_rng(render_seed))
+
+
+# ----------------------------------------------------------------------------- ceiling
+
+
+@dataclass
+class _ScenesWithCount:
+    """Scenes of one object count as attribute code arrays, for a vectorised first filter."""
+
+    image_ids: np.ndarray  # [N] indices into the split's scene list
+    codes: dict[str, np.ndarray]  # attribute -> [N, object count] index into its value tuple
+
+
+
+def _group_by_count(scenes: Sequence[Scene]) -> dict[int, _ScenesWithCount]:
+    ids_by_count: dict[int, list[int]] = defaultdict(list)
+    for i, scene in enumerate(scenes):
+        ids_by_count[len(scene.objects)].append(i)
+    groups = {}
+    for count, ids in ids_by_count.items():
+        codes = {
+            attr: np.array([[values.index(getattr(o, attr)) for o in scenes[i].objects] for i in ids])
+            for attr, values in ATTRIBUTE_VALUES.items()
+        }
+        groups[count] = _ScenesWithCount(np.array(ids), codes)
+    return groups
+
+
+def _consistent_images(meaning: CaptionMeaning, groups: dict[int, _ScenesWithCount],
+                       scenes: Sequence[Scene]) -> frozenset[int]:
+    """Returns the indices of the scenes consistent with `meaning`."""
+    group = groups.get(len(meaning.objects))
+    if group is None:
+        return frozenset()
+    fits = np.ones((len(group.image_ids), len(meaning.objects), len(meaning.objects)), dtype=bool)
+    for i, mention in enumerate(meaning.objects):  # fits[scene, mention, object]
+        for attr, value in mention.attributes().items():
+            fits[:, i] &= group.codes[attr] == ATTRIBUTE_VALUES[attr].index(value)
+    plausible = fits.any(axis=2).all(axis=1) & fits.any(axis=1).all(axis=1)
+    return frozenset(int(i) for i in group.image_ids[plausible] if is_consistent(meaning, scenes[i]))
+
+
+def retrieval_ceiling(scenes: Sequence[Scene], meanings: Sequence[Sequence[CaptionMeaning]]) -> dict[str, float]:
+    """Returns {"t2i_R@1", "i2t_R@1"} in percent: the expected R@1 of a perfect model that ranks
+    the items consistent with the query first, in random order. `meanings[i]` = captions of scene i.
+
+    t2i = mean over captions of [own image consistent] / |consistent images|;
+    i2t = mean over images of min(1, own consistent captions / |consistent captions|).
+    """
+    groups = _group_by_count(scenes)
+    cache: dict[CaptionMeaning, frozenset[int]] = {}
+    t2i_hits: list[float] = []
+    consistent_captions = np.zeros(len(scenes))
+    own_consistent = np.zeros(len(scenes))
+    for image_id, image_meanings in enumerate(meanings):
+        for meaning in image_meanings:
+            if meaning not in cache:
+                cache[meaning] = _consistent_images(meaning, groups, scenes)
+            matches = cache[meaning]
+            own = image_id in matches
+            t2i_hits.append(1 / len(matches) if own else 0.0)
+            own_consistent[image_id] += own
+            consistent_captions[list(matches)] += 1
+    i2t_hits = np.minimum(1.0, own_consistent / np.maximum(consistent_captions, 1))
+    return {"t2i_R@1": 100.0 * float(np.mean(t2i_hits)), "i2t_R@1": 100.0 * float(np.mean(i2t_hits))}
+
+
+# ----------------------------------------------------------------------------- writing
+
+ARGUMENT_RANGES = {  # name -> (lowest, highest or None) allowed value
+    "seed": (0, None), "num_train": (0, None), "num_val": (0, None), "num_test": (1, None),
+    "image_size": (32, None), "max_objects": (1, 9),
+}
+
+
+def _validate(config: dict[str, int]) -> None:
+    for name, (lowest, highest) in ARGUMENT_RANGES.items():
+        value = config[name]
+        if not isinstance(value, numbers.Integral) or value < lowest or (highest is not None and value > highest):
+            allowed = f">= {lowest}" if highest is None else f"between {lowest} and {highest}"
+            raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def _write_json(path: Path, obj, indent: int | None = 2) -> None:
+    path.write_text(json.dumps(obj, indent=indent) + "\n", encoding="utf-8")
+
+
+def _write_labels(out: Path, filenames: Sequence[str], concepts: Sequence[list[str]]) -> None:
+    """NUS-WIDE layout: concept list, image list, one 0/1 file per concept, tags per image."""
+    (out / "Concepts81.txt").write_text("".join(f"{c}\n" for c in CONCEPTS))
+    (out / "ImageList").mkdir()
+    (out / "ImageList" / "Imagelist.txt").write_text("".join(f"{IMAGE_DIR}\\{name}\n" for name in filenames))
+    (out / "Groundtruth" / "AllLabels").mkdir(parents=True)
+    for concept in CONCEPTS:
+        flags = "".join("1\n" if concept in present else "0\n" for present in concepts)
+        (out / "Groundtruth" / "AllLabels" / f"Labels_{concept}.txt").write_text(flags)
+    (out / "NUS_WID_Tags").mkdir()
+    (out / "NUS_WID_Tags" / "All_Tags.txt").write_text(
+        "".join(f"{Path(name).stem} {' '.join(present)}\n" for name, present in zip(filenames, concepts))
+    )
+
+
+def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val: int = 100, num_test: int = 500,
+             image_size: int = 64, max_objects: int = 3, progress: bool = True) -> dict:
+    """Writes the dataset under `root` atomically (built in a sibling temp folder, then renamed over
+    any existing `root`) and returns the summary dict written to `root/synth.json`:
+    {"code_version", "config": {seed, num_train, num_val, num_test, image_size, max_objects},
+     "counts": {split: number of images}, "num_captions", "concepts": [concept names]}.
+
+    Images are numbered globally (train, then val, then test). Raises ValueError naming the argument
+    when one is out of range.
+    """
+    config = {"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test,
+              "image_size": image_size, "max_objects": max_objects}
+    _validate(config)
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    image_splits = [split for split in SPLITS for _ in range(counts[split])]
+    scenes: list[Scene] = []
+    captions: list[list[Caption]] = []
+    with atomic_dir(root) as out:
+        (out / IMAGE_DIR).mkdir()
+        for index in tqdm(range(len(image_splits)), desc="synthetic images", disable=not progress, file=sys.stderr):
+            scene, image_captions, image = make_image(seed, index, image_size, max_objects)
+            save_image(image, out / IMAGE_DIR / f"synth_{index:06d}.jpg")
+            scenes.append(scene)
+            captions.append(image_captions)
+        entries, sentid = [], 0
+        for index, (split, image_captions) in enumerate(zip(image_splits, captions)):
+            sentids = list(range(sentid, sentid + len(image_captions)))
+            sentid += len(image_captions)
+            entries.append({
+                "filepath": IMAGE_DIR, "filename": f"synth_{index:06d}.jpg", "imgid": index, "split": split,
+                "sentids": sentids,
+                "sentences": [{"raw": c.text, "tokens": tokenize(c.text), "imgid": index, "sentid": s}
+                              for c, s in zip(image_captions, sentids)],
+            })
+        _write_json(out / KARPATHY_FILE, {"dataset": "synthetic", "images": entries}, indent=None)  # big: compact
+        _write_labels(out, [e["filename"] for e in entries], [concepts_of(s) for s in scenes])
+        ceiling = {}
+        for split in CEILING_SPLITS:
+            members = [i for i, s in enumerate(image_splits) if s == split]
+            ceiling[split] = retrieval_ceiling(
+                [scenes[i] for i in members], [[c.meaning for c in captions[i]] for i in members]
+            ) if members else {"t2i_R@1": None, "i2t_R@1": None}
+        _write_json(out / "ceiling.json", ceiling)
+        summary = {"code_version": CODE_VERSION, "config": config, "counts": counts,
+                   "num_captions": sentid, "concepts": list(CONCEPTS)}
+        _write_json(out / "synth.json", summary)
+    return summary
+
+
+def read_ceiling(root: str | Path) -> dict:
+    """Returns root/ceiling.json: {"test": {"t2i_R@1": float, "i2t_R@1": float}, "val": {...}} in percent
+    (values None for an empty val split)."""
+    return json.loads((Path(root) / "ceiling.json").read_text(encoding="utf-8"))
+
+
+def load_samples(root: str | Path, name: str) -> list[Sample]:
+    """Returns one `Sample` per generated image (key `{name}-{imgid}`, image = file path), with its
+    5 captions and its concept labels."""
+    root = Path(root)
+    samples = read_karpathy(root / KARPATHY_FILE, root, key_prefix=name)
+    labels = read_concept_labels(root)
+    for sample in samples:
+        sample.labels = labels[sample.meta["filename"]]
+    return samples

@@ -1,0 +1,365 @@
+"""The five stages with Ray and MLflow at the edge: synth -> shard -> extract -> train -> eval.
+
+Each stage computes its output's fingerprint (inputs + config + code version). When that output exists
+it logs a cached MLflow run linking to the run that produced it and returns; otherwise it does the work
+inside an MLflow stage run and commits its output with a `stage.json` record written last.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import Config, to_dict
+from pipeline.fingerprint import digest, frame_digest
+from pipeline.io import atomic_dir, atomic_write_json, read_json
+from pipeline.tracking.runs import Tracker, log_cached_stage, metric_names, stage_run
+
+STAGE_RECORD = "stage.json"
+
+
+@dataclass
+class StageResult:
+    """What a stage hands downstream: its output folder, fingerprint and the MLflow run that made it."""
+
+    stage: str
+    fingerprint: str
+    path: Path
+    run_id: str  # the run that produced the output (for a cached stage: the original producer)
+    cached: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    """Prints a progress line to stderr."""
+    print(f"[itr] {message}", file=sys.stderr, flush=True)
+
+
+def _cached(tracker: Tracker, stage: str, fingerprint: str, path: Path, upstream: list[str]) -> StageResult | None:
+    record = read_json(path / STAGE_RECORD)
+    if not record or record.get("fingerprint") != fingerprint:
+        return None
+    log_cached_stage(tracker, stage, fingerprint, record["run_id"], upstream)
+    log(f"{stage}: cached ({fingerprint}, produced by run {record['run_id']}) at {path}")
+    return StageResult(stage, fingerprint, path, record["run_id"], cached=True, info=record.get("info", {}))
+
+
+def _commit(path: Path, stage: str, fingerprint: str, run_id: str, info: dict) -> StageResult:
+    atomic_write_json(path / STAGE_RECORD, {"stage": stage, "fingerprint": fingerprint, "run_id": run_id,
+                                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "info": info})
+    return StageResult(stage, fingerprint, path, run_id, info=info)
+
+
+# ---------------------------------------------------------------- synth
+def run_synth(cfg: Config, tracker: Tracker) -> StageResult:
+    """Generates the synthetic dataset into `cfg.data_root` unless the same one is already there."""
+    import mlflow
+
+    from pipeline.data.sources import synthetic
+
+    params = to_dict(cfg.data.synth)
+    fp = digest({"synth": params, "code": synthetic.CODE_VERSION})
+    root = cfg.data_root
+    if hit := _cached(tracker, "synth", fp, root, []):
+        return hit
+    with stage_run(tracker, "synth", fp, {"data": to_dict(cfg.data)}, []) as run_id:
+        t0 = time.perf_counter()
+        summary = synthetic.generate(root, **params)
+        mlflow.log_metrics({"images": sum(summary["counts"].values()), "captions": summary["num_captions"],
+                            "seconds": time.perf_counter() - t0})
+        for name in ("synth.json", "ceiling.json", "preview.png"):
+            if (root / name).is_file():
+                mlflow.log_artifact(str(root / name))
+        log(f"synth: {summary['counts']} images at {root}")
+        return _commit(root, "synth", fp, run_id, {"counts": summary["counts"]})
+
+
+# ---------------------------------------------------------------- shard
+def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult:
+    """Writes the dataset as deterministic WebDataset tars with Ray Data; returns the shard folder."""
+    import mlflow
+    import ray
+
+    from pipeline.data import shard as shard_core
+    from pipeline.data.sources import load_samples
+
+    samples = load_samples(cfg.data.source, cfg.data_root, cfg.data.name)
+    if not samples:
+        raise ValueError(f"dataset {cfg.data.name} at {cfg.data_root} has no sample")
+    inputs = shard_core.source_manifest(samples)
+    input_digest = frame_digest(inputs)
+    fp = digest({"source": input_digest, "shard": to_dict(cfg.shard), "code": shard_core.CODE_VERSION})
+    out = cfg.workdir_path / "shards" / cfg.data.name / fp
+    if hit := _cached(tracker, "shard", fp, out, upstream):
+        return hit
+    plans = shard_core.plan_shards(samples, cfg.shard.shard_size)
+    with stage_run(tracker, "shard", fp, {"data": to_dict(cfg.data), "shard": to_dict(cfg.shard)}, upstream,
+                   inputs=inputs, input_name=f"{cfg.data.name}-samples", input_source=str(cfg.data_root),
+                   input_digest=input_digest) as run_id:
+        t0 = time.perf_counter()
+        quality = cfg.shard.jpeg_quality
+
+        def write(row: dict) -> dict:
+            return shard_core.write_shard(plans[row["id"]], out, quality)
+
+        ds = ray.data.range(len(plans), override_num_blocks=len(plans)).map(write, num_cpus=1)
+        manifest = shard_core.write_manifest(out, list(ds.iter_rows()), input_digest)
+        seconds = time.perf_counter() - t0
+        counts = manifest.groupby("split")["num_samples"].sum().to_dict()
+        mlflow.log_metrics({"samples": int(manifest["num_samples"].sum()), "shards": len(manifest),
+                            "bytes": int(manifest["bytes"].sum()), "seconds": seconds,
+                            "samples_per_second": float(manifest["num_samples"].sum() / seconds)})
+        mlflow.log_artifact(str(out / "manifest.parquet"))
+        log(f"shard: {int(manifest['num_samples'].sum())} samples in {len(manifest)} shards "
+            f"({int(manifest['bytes'].sum()) / 1e6:.1f} MB, {seconds:.1f} s) at {out}")
+        return _commit(out, "shard", fp, run_id, {"counts": {k: int(v) for k, v in counts.items()}})
+
+
+# ---------------------------------------------------------------- extract
+def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResult:
+    """Extracts features of every shard not yet in the store (a Ray Data actor pool, one shard per call);
+    returns the store folder `<workdir>/features/<dataset>/<extractor fingerprint>`."""
+    import mlflow
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.data.shard import read_manifest as read_shard_manifest
+    from pipeline.features import store
+    from pipeline.features.extract import ShardFeatureWriter
+    from pipeline.features.extractors import get_extractor
+    from pipeline.ray_runtime import cluster_cpus
+
+    described = get_extractor(cfg.features.extractor).describe(cfg.features)
+    store_dir = cfg.workdir_path / "features" / cfg.data.name / digest(described)
+    shard_manifest = read_shard_manifest(shards.path)
+    input_digest = frame_digest(shard_manifest[["shard", "sha256"]])
+    fp = digest({"extractor": described, "shards": input_digest})
+    done = store.read_manifest(store_dir)
+    have = set(zip(done["shard"], done["shard_sha256"])) if len(done) else set()
+    todo = shard_manifest[[(s, h) not in have for s, h in zip(shard_manifest["shard"], shard_manifest["sha256"])]]
+    if not len(todo) and (hit := _cached(tracker, "extract", fp, store_dir, [shards.run_id])):
+        return hit
+    params = {"features": to_dict(cfg.features), "store": str(store_dir)}
+    with stage_run(tracker, "extract", fp, params, [shards.run_id], inputs=shard_manifest,
+                   input_name=f"{cfg.data.name}-shards", input_source=str(shards.path),
+                   input_digest=input_digest) as run_id:
+        t0 = time.perf_counter()
+        log(f"extract: {len(todo)} of {len(shard_manifest)} shards to do -> {store_dir}")
+        rows = [] if not len(done) else [done]
+        if len(todo):
+            cpus = cluster_cpus()
+            gpus = cfg.features.num_gpus
+            actors = max(1, min(len(todo), cpus if gpus == 0 else int(ray.cluster_resources().get("GPU", 0) / gpus)))
+            threads = max(1, cpus // actors)
+            items = [{"shard_path": str(shards.path / r.shard), "shard": r.shard, "split": r.split, "sha256": r.sha256}
+                     for r in todo.itertuples()]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                ShardFeatureWriter,
+                fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),
+                                       "run_id": run_id, "threads": threads},
+                batch_size=1,
+                compute=ActorPoolStrategy(min_size=1, max_size=actors),
+                num_cpus=min(threads, cpus) if gpus == 0 else 1,
+                num_gpus=gpus,
+            )
+            for row in ds.iter_rows():  # commit each shard as soon as it is written
+                rows.append(pd.DataFrame([row]))
+                store.write_manifest(store_dir, pd.concat(rows, ignore_index=True))
+        manifest = store.read_manifest(store_dir)
+        seconds = time.perf_counter() - t0
+        new = manifest[manifest["run_id"] == run_id]
+        mlflow.log_params({"fingerprint.extractor": store_dir.name})
+        mlflow.log_metrics({"shards_extracted": len(new), "shards_reused": len(manifest) - len(new),
+                            "images": int(new["num_images"].sum()), "captions": int(new["num_captions"].sum()),
+                            "seconds": seconds,
+                            "images_per_second": float(new["num_images"].sum() / seconds) if len(new) else 0.0})
+        mlflow.log_dict(described, "extractor.json")
+        log(f"extract: {int(new['num_images'].sum())} images, {int(new['num_captions'].sum())} captions "
+            f"in {seconds:.1f} s")
+        return _commit(store_dir, "extract", fp, run_id, {"extractor": described})
+
+
+# ---------------------------------------------------------------- train
+def method_inputs(split, method) -> dict[str, np.ndarray]:
+    """Returns {"image": (N, Di), "text": (M, Dt), "caption_image": (M,)} float16 inputs of a method from a
+    `FeatureSplit` (its `image_inputs` / `text_inputs` columns concatenated)."""
+    return {
+        "image": np.concatenate([split.images[c].reshape(len(split.keys), -1) for c in method.image_inputs], 1),
+        "text": np.concatenate([split.captions[c].reshape(len(split.caption_image), -1) for c in method.text_inputs], 1),
+        "caption_image": split.caption_image,
+    }
+
+
+def load_trained(path: Path):
+    """Returns the trained method saved by the train stage in folder `path` (eval mode, CPU)."""
+    from pipeline.methods import create_method
+
+    spec = json.loads((path / "method.json").read_text())
+    method = create_method(spec["name"], **spec["kwargs"])
+    method.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    return method.eval()
+
+
+def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResult:
+    """Trains `train.method` on the store's train split with Ray Train (DDP, momentum queues synchronised
+    across workers); returns `<workdir>/train/<fingerprint>` holding model.pt and method.json."""
+    import mlflow
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.features import store
+    from pipeline.methods import METHODS, create_method
+    from pipeline.ray_runtime import cluster_cpus
+    from pipeline.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    if tc.method not in METHODS:
+        create_method(tc.method)  # raises the unknown-method error
+    cls = METHODS[tc.method]
+    manifest = store.read_manifest(features.path)
+    input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
+    fp = digest({"features": features.path.name, "inputs": input_digest, "train": to_dict(tc)})
+    out = cfg.workdir_path / "train" / fp
+    if hit := _cached(tracker, "train", fp, out, [features.run_id]):
+        return hit
+    train_split = method_inputs(store.read_split(features.path, "train", cls.image_inputs, cls.text_inputs), cls)
+    splits = {"train": train_split}
+    try:
+        splits["val"] = method_inputs(store.read_split(features.path, "val", cls.image_inputs, cls.text_inputs), cls)
+    except ValueError:
+        log("train: no val split, training without per-epoch validation")
+    kwargs = {"image_dim": train_split["image"].shape[1], "text_dim": train_split["text"].shape[1],
+              "embed_dim": tc.embed_dim, "hidden_dim": tc.hidden_dim, "temperature": tc.temperature}
+    torch.manual_seed(tc.seed)
+    method = create_method(tc.method, **kwargs)
+    method.set_standardization(torch.from_numpy(train_split["image"]), torch.from_numpy(train_split["text"]))
+    num_captions = len(train_split["caption_image"])
+    steps_per_epoch = (num_captions // tc.num_workers) // (tc.batch_size // tc.num_workers)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train split has {num_captions} captions, fewer than one global batch ({tc.batch_size})")
+    cpus_per_worker = max(1, cluster_cpus() // tc.num_workers) if not tc.use_gpu else 1
+    with stage_run(tracker, "train", fp, {"train": to_dict(tc)}, [features.run_id], inputs=manifest,
+                   input_name=f"{cfg.data.name}-features", input_source=str(features.path),
+                   input_digest=input_digest) as run_id:
+        t0 = time.perf_counter()
+        dataset = ray.data.range(num_captions, override_num_blocks=max(2, 2 * tc.num_workers)).materialize()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "method": tc.method, "method_kwargs": kwargs, "init_state": method.state_dict(),
+                "train": to_dict(tc), "features_ref": ray.put(splits), "steps_per_epoch": steps_per_epoch,
+                "threads_per_worker": cpus_per_worker, "mlflow_uri": tracker.uri, "mlflow_run_id": run_id,
+            },
+            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=f"train-{fp}", storage_path=str(cfg.workdir_path / "ray_results"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=2),
+            ),
+            datasets={"train": dataset},
+        )
+        log(f"train: {tc.method} on {num_captions} captions, {tc.num_workers} workers x {steps_per_epoch} "
+            f"steps x {tc.epochs} epochs")
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run train-{fp} ended without a checkpoint ({result.error})")
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        with atomic_dir(out) as tmp:
+            torch.save(state["model"], tmp / "model.pt")
+            atomic_write_json(tmp / "method.json", {"name": tc.method, "kwargs": kwargs})
+            atomic_write_json(tmp / "final_metrics.json", result.metrics)
+        mlflow.log_metric("train_seconds", time.perf_counter() - t0)
+        mlflow.log_artifacts(str(out), artifact_path="model")
+        log(f"train: done in {time.perf_counter() - t0:.1f} s, final val rsum "
+            f"{result.metrics.get('val_rsum', float('nan')):.1f} -> {out}")
+        return _commit(out, "train", fp, run_id, {"method": tc.method, "checkpoint": result.checkpoint.path})
+
+
+# ---------------------------------------------------------------- eval
+def format_table(rows: dict[str, dict], ks=(1, 5, 10)) -> str:
+    """Returns a markdown table with one row per model: i2t and t2i R@K and rsum (blank where absent)."""
+    cols = [f"i2t_R@{k}" for k in ks] + [f"t2i_R@{k}" for k in ks] + ["rsum"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in rows.items():
+        cells = [f"{m[c]:.1f}" if m.get(c) is not None else "" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: StageResult) -> StageResult:
+    """Evaluates the trained method and, as a reference row, the frozen extractor's own global embeddings on
+    `eval.split`; writes metrics.json, table.md and recall.png under `<workdir>/eval/<fingerprint>`."""
+    import mlflow
+
+    from pipeline.eval.metrics import plot_recall_curves, recall_metrics, retrieval_ranks
+    from pipeline.features import store
+    from pipeline.train.loop import embed_split
+
+    ec = cfg.eval
+    method = load_trained(trained.path)
+    split = store.read_split(features.path, ec.split, ("image_embed",) + tuple(method.image_inputs),
+                             ("text_embed",) + tuple(method.text_inputs))
+    fp = digest({"train": trained.fingerprint, "features": features.fingerprint, "eval": to_dict(ec)})
+    upstream = [features.run_id, trained.run_id]
+    with stage_run(tracker, "eval", fp, {"eval": to_dict(ec)}, upstream,
+                   inputs=pd.DataFrame({"key": split.keys}), input_name=f"{cfg.data.name}-{ec.split}",
+                   input_source=str(features.path)) as run_id:
+        img, txt = embed_split(method, method_inputs(split, method), torch.device("cpu"))
+        ranks = {"trained": retrieval_ranks(img, txt, split.caption_image, ec.chunk_size)}
+        raw_img = torch.nn.functional.normalize(torch.from_numpy(split.images["image_embed"].astype(np.float32)), dim=-1)
+        raw_txt = torch.nn.functional.normalize(torch.from_numpy(split.captions["text_embed"].astype(np.float32)), dim=-1)
+        ranks["frozen features"] = retrieval_ranks(raw_img, raw_txt, split.caption_image, ec.chunk_size)
+        rows = {f"{trained.info.get('method', 'trained')} (trained)": recall_metrics(*ranks["trained"], ks=ec.ks),
+                "frozen features (untrained)": recall_metrics(*ranks["frozen features"], ks=ec.ks)}
+        ceiling = (read_json(cfg.data_root / "ceiling.json") or {}).get(ec.split) if cfg.data.source == "synthetic" else None
+        if ceiling:
+            rows["perfect-model ceiling"] = {k: v for k, v in ceiling.items() if v is not None}
+        table = format_table(rows, ec.ks)
+        metrics = dict(rows[next(iter(rows))])
+        metrics.update({f"frozen_{k}": v for k, v in rows["frozen features (untrained)"].items()})
+        if ceiling:
+            metrics.update({f"ceiling_{k}": v for k, v in rows["perfect-model ceiling"].items()})
+        metrics.update(num_images=len(split.keys), num_captions=len(split.caption_image))
+        out = cfg.workdir_path / "eval" / fp
+        with atomic_dir(out) as tmp:
+            atomic_write_json(tmp / "metrics.json", metrics)
+            (tmp / "table.md").write_text(table + "\n")
+            plot_recall_curves(ranks, tmp / "recall.png")
+        mlflow.log_metrics(metric_names(metrics))
+        mlflow.log_artifacts(str(out))
+        return _commit(out, "eval", fp, run_id, {"table": table, "metrics": metrics})
+
+
+# ---------------------------------------------------------------- the whole chain
+STAGES = ("synth", "shard", "extract", "train", "eval")
+
+
+def run_stages(cfg: Config, tracker: Tracker, last: str = "eval") -> dict[str, StageResult]:
+    """Runs the chain up to and including stage `last` (earlier stages reuse their cached outputs);
+    returns the results by stage name. The synth stage runs only for the synthetic source."""
+    if last not in STAGES:
+        raise ValueError(f"unknown stage {last!r} (known: {', '.join(STAGES)})")
+    stop = STAGES.index(last)
+    results: dict[str, StageResult] = {}
+    if cfg.data.source == "synthetic":
+        results["synth"] = run_synth(cfg, tracker)
+    elif last == "synth":
+        raise ValueError(f"itr synth needs data.source=synthetic, got {cfg.data.source!r}")
+    if stop >= 1:
+        results["shard"] = run_shard(cfg, tracker, [r.run_id for r in results.values()])
+    if stop >= 2:
+        results["extract"] = run_extract(cfg, tracker, results["shard"])
+    if stop >= 3:
+        results["train"] = run_train(cfg, tracker, results["extract"])
+    if stop >= 4:
+        results["eval"] = run_eval(cfg, tracker, results["extract"], results["train"])
+    return results

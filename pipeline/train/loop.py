@@ -1,0 +1,177 @@
+"""The per-worker training loop (Ray Train `TorchTrainer`), and the plain pieces it is made of.
+
+Features arrive once per worker through the object store (`features_ref`: zero-copy numpy); Ray Data's
+`get_dataset_shard("train")` gives each worker its share of the caption indices every epoch, shuffled
+per epoch with a seeded generator. Rank 0 writes checkpoints and MLflow metrics; every rank reports.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.eval.metrics import evaluate_embeddings
+from pipeline.features.precision import autocast, pick_device, resolve_precision
+from pipeline.methods import create_method
+from pipeline.methods.infonce import MomentumState
+from pipeline.tracking.runs import metric_names
+from pipeline.train.momentum import MomentumQueue, ema_update, momentum_copy
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Returns the LR multiplier function: linear warmup, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def make_batch(split: dict, caption_rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Returns {"image", "text", "ids"} tensors for the given caption rows of a feature split dict
+    {"image": (N, Di), "text": (M, Dt), "caption_image": (M,)}."""
+    owner = split["caption_image"][caption_rows]
+    return {
+        "image": torch.from_numpy(np.asarray(split["image"][owner], dtype=np.float32)).to(device),
+        "text": torch.from_numpy(np.asarray(split["text"][caption_rows], dtype=np.float32)).to(device),
+        "ids": torch.from_numpy(owner.astype(np.int64)).to(device),
+    }
+
+
+@torch.no_grad()
+def embed_split(model: torch.nn.Module, split: dict, device: torch.device, batch_size: int = 4096):
+    """Returns (image embeddings (N, D), caption embeddings (M, D)) of a feature split."""
+    img = torch.cat([model.encode_image({"image": torch.from_numpy(np.asarray(split["image"][i:i + batch_size],
+                     dtype=np.float32)).to(device)}) for i in range(0, len(split["image"]), batch_size)])
+    txt = torch.cat([model.encode_text({"text": torch.from_numpy(np.asarray(split["text"][i:i + batch_size],
+                     dtype=np.float32)).to(device)}) for i in range(0, len(split["text"]), batch_size)])
+    return img, txt
+
+
+def validate(model: torch.nn.Module, split: dict, device: torch.device) -> dict[str, float]:
+    """Returns R@K metrics of `model` on a feature split, prefixed `val_`."""
+    model.eval()
+    img, txt = embed_split(model, split, device)
+    model.train()
+    return {f"val_{k}": v for k, v in evaluate_embeddings(img, txt, split["caption_image"]).items()}
+
+
+def epoch_batches(rows: np.ndarray, local_batch: int, seed: int, epoch: int, rank: int) -> list[np.ndarray]:
+    """Returns this worker's epoch as full local batches of caption rows, shuffled by (seed, epoch, rank)."""
+    g = np.random.default_rng([seed, epoch, rank])
+    rows = rows[g.permutation(len(rows))]
+    return [rows[i:i + local_batch] for i in range(0, len(rows) - local_batch + 1, local_batch)]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config`: method, method_kwargs, standardization (image, text mean/std inputs
+    as tensors), train (TrainConfig as dict), features_ref, mlflow_uri, mlflow_run_id, steps_per_epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    tc = config["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = pick_device(tc["use_gpu"])
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    precision = resolve_precision("auto", device)
+    features = ray.get(config["features_ref"])
+    train_split, val_split = features["train"], features.get("val")
+
+    torch.manual_seed(tc["seed"])
+    method = create_method(config["method"], **config["method_kwargs"])
+    method.load_state_dict(config["init_state"])  # standardization buffers + identical init on every rank
+    method.to(device)
+    momentum = MomentumState(momentum_copy(method), None, None)
+    if tc["queue_size"]:
+        momentum.image_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
+        momentum.text_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
+    model = ray.train.torch.prepare_model(method)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    total_steps = tc["epochs"] * config["steps_per_epoch"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc["warmup_steps"], total_steps))
+    start_epoch, step = 0, 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        method.load_state_dict(state["model"])
+        momentum.model.load_state_dict(state["momentum"])
+        if momentum.image_queue is not None:
+            momentum.image_queue.load_state_dict(state["image_queue"])
+            momentum.text_queue.load_state_dict(state["text_queue"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+
+    client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(config["mlflow_uri"])
+    local_batch = tc["batch_size"] // world
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, tc["epochs"]):
+        t0 = time.perf_counter()
+        rows = np.concatenate([b["id"] for b in shard.iter_batches(batch_size=8192, batch_format="numpy")])
+        sums: dict[str, float] = {}
+        batches = epoch_batches(rows, local_batch, tc["seed"], epoch, rank)[: config["steps_per_epoch"]]
+        for caption_rows in batches:
+            batch = make_batch(train_split, caption_rows, device)
+            with autocast(precision, device):
+                out = model(batch)
+            parts = method.loss({k: v.float() for k, v in out.items()}, batch, momentum)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(method.parameters(), tc["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if momentum.image_queue is not None:
+                ema_update(momentum.model, method, tc["momentum"])
+                with torch.no_grad():
+                    keys = momentum.model(batch)
+                momentum.image_queue.enqueue(keys["image"], batch["ids"])
+                momentum.text_queue.enqueue(keys["text"], batch["ids"])
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        metrics.update(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - t0)
+        if val_split is not None:
+            metrics.update(validate(method, val_split, device))
+        if momentum.image_queue is not None:
+            metrics["queue_checksum"] = momentum.image_queue.checksum() + momentum.text_queue.checksum()
+        if client is not None:
+            client.log_batch(config["mlflow_run_id"], metrics=[
+                Metric(k, v, int(time.time() * 1000), epoch) for k, v in metric_names(metrics).items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                state = {
+                    "model": method.state_dict(),
+                    "momentum": momentum.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "step": step,
+                }
+                if momentum.image_queue is not None:
+                    state["image_queue"] = momentum.image_queue.state_dict()
+                    state["text_queue"] = momentum.text_queue.state_dict()
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)

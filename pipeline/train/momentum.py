@@ -1,0 +1,75 @@
+"""Momentum encoders and cross-worker-synchronised momentum queues (MoCo, He et al. 2020; ALBEF, Li et al. 2021).
+
+`MomentumQueue.enqueue` all-gathers the keys and ids of every worker (no grad) before writing, so every
+rank writes the same global batch at the same position and the queues stay identical on all ranks.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Returns the concatenation over ranks (rank order) of `x` (B, ...) -> (world*B, ...); `x` alone when
+    not distributed. Every rank must pass the same shape."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def momentum_copy(model: nn.Module) -> nn.Module:
+    """Returns a frozen deep copy of `model` to be updated by `ema_update`."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(momentum_model: nn.Module, model: nn.Module, m: float, buffers: bool = False) -> None:
+    """Sets theta_k <- m * theta_k + (1 - m) * theta_q for every parameter (and float buffer, if asked)."""
+    for pk, pq in zip(momentum_model.parameters(), model.parameters()):
+        pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+    if buffers:
+        for bk, bq in zip(momentum_model.buffers(), model.buffers()):
+            if bk.dtype.is_floating_point:
+                bk.mul_(m).add_(bq, alpha=1.0 - m)
+
+
+class MomentumQueue(nn.Module):
+    """A FIFO of `size` key vectors (dim) with the sample id of each (-1 = empty slot) and a write pointer."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("features", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Gathers (B, dim) keys and (B,) ids from every rank and writes the global batch at the pointer.
+
+        Raises ValueError when the global batch does not divide the queue size."""
+        keys, ids = all_gather_no_grad(keys), all_gather_no_grad(ids)
+        n = len(keys)
+        if self.size % n:
+            raise ValueError(f"queue size {self.size} is not a multiple of the global batch {n}")
+        p = int(self.ptr)
+        self.features[p:p + n] = keys.to(self.features.dtype)
+        self.ids[p:p + n] = ids.to(self.ids.dtype)
+        self.ptr.fill_((p + n) % self.size)
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (features (K, dim), ids (K,)) of the filled slots."""
+        mask = self.ids >= 0
+        return self.features[mask], self.ids[mask]
+
+    def checksum(self) -> float:
+        """Returns a scalar fingerprint of the queue contents (equal on ranks that hold equal queues)."""
+        return float(self.features.double().sum() + (self.ids.double() * 1e-3).sum() + self.ptr.double())
