@@ -54,7 +54,8 @@ def check_workdir(cfg: Config) -> Path:
 def mlflow_ui_command(uri: str) -> str:
     """Returns the shell command that browses the tracking store on 127.0.0.1."""
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        return f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} (tracking server)"
 
 
@@ -64,7 +65,11 @@ def execute(command: str, cfg: Config) -> dict:
     from pipeline.stages import run_stages
     from pipeline.tracking.runs import open_tracker, pipeline_run
 
+    from pipeline.data.sources import check_source
+
     last = "eval" if command == "run" else command
+    if cfg.data.source != "synthetic":
+        check_source(cfg.data.source, cfg.data_root)  # fail before starting Ray
     tracker = open_tracker(cfg.tracking_uri, cfg.tracking.experiment)
     with pipeline_run(tracker, f"itr {command}", to_dict(cfg)):
         if last == "synth":

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 from typing import Iterator
 
 from pipeline.config import RayConfig
@@ -29,13 +31,23 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # The dashboard (bound to loopback) serves the state API that Ray Train's placement-group cleaner uses.
+        context = ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True,
+                           dashboard_host="127.0.0.1", dashboard_port=free_port(), **kwargs)
+        print(f"[itr] local Ray started; dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cluster_cpus() -> int:

@@ -90,8 +90,7 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
     from pipeline.data.sources import load_samples
 
     samples = load_samples(cfg.data.source, cfg.data_root, cfg.data.name)
-    if not samples:
-        raise ValueError(f"dataset {cfg.data.name} at {cfg.data_root} has no sample")
+    shard_core.check_splits(samples, ["train", cfg.eval.split])
     inputs = shard_core.source_manifest(samples)
     input_digest = frame_digest(inputs)
     fp = digest({"source": input_digest, "shard": to_dict(cfg.shard), "code": shard_core.CODE_VERSION})
@@ -124,7 +123,8 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
 # ---------------------------------------------------------------- extract
 def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResult:
     """Extracts features of every shard not yet in the store (a Ray Data actor pool, one shard per call);
-    returns the store folder `<workdir>/features/<dataset>/<extractor fingerprint>`."""
+    returns the selection folder `<workdir>/features/<dataset>/<extractor fingerprint>/inputs/<fingerprint>`
+    whose manifest lists the store rows of this input."""
     import mlflow
     import ray
     from ray.data import ActorPoolStrategy
@@ -143,7 +143,8 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
     done = store.read_manifest(store_dir)
     have = set(zip(done["shard"], done["shard_sha256"])) if len(done) else set()
     todo = shard_manifest[[(s, h) not in have for s, h in zip(shard_manifest["shard"], shard_manifest["sha256"])]]
-    if not len(todo) and (hit := _cached(tracker, "extract", fp, store_dir, [shards.run_id])):
+    selection_dir = store_dir / store.SELECTIONS / fp
+    if not len(todo) and (hit := _cached(tracker, "extract", fp, selection_dir, [shards.run_id])):
         return hit
     params = {"features": to_dict(cfg.features), "store": str(store_dir)}
     with stage_run(tracker, "extract", fp, params, [shards.run_id], inputs=shard_manifest,
@@ -171,7 +172,8 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
             for row in ds.iter_rows():  # commit each shard as soon as it is written
                 rows.append(pd.DataFrame([row]))
                 store.write_manifest(store_dir, pd.concat(rows, ignore_index=True))
-        manifest = store.read_manifest(store_dir)
+        manifest = store.select(store.read_manifest(store_dir), shard_manifest)
+        store.write_manifest(selection_dir, manifest)
         seconds = time.perf_counter() - t0
         new = manifest[manifest["run_id"] == run_id]
         mlflow.log_params({"fingerprint.extractor": store_dir.name})
@@ -182,7 +184,7 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
         mlflow.log_dict(described, "extractor.json")
         log(f"extract: {int(new['num_images'].sum())} images, {int(new['num_captions'].sum())} captions "
             f"in {seconds:.1f} s")
-        return _commit(store_dir, "extract", fp, run_id, {"extractor": described})
+        return _commit(selection_dir, "extract", fp, run_id, {"extractor": described})
 
 
 # ---------------------------------------------------------------- train
@@ -223,16 +225,16 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     if tc.method not in METHODS:
         create_method(tc.method)  # raises the unknown-method error
     cls = METHODS[tc.method]
-    manifest = store.read_manifest(features.path)
+    store_root, manifest = store.open_selection(features.path)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
-    fp = digest({"features": features.path.name, "inputs": input_digest, "train": to_dict(tc)})
+    fp = digest({"features": features.fingerprint, "train": to_dict(tc)})
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit
-    train_split = method_inputs(store.read_split(features.path, "train", cls.image_inputs, cls.text_inputs), cls)
+    train_split = method_inputs(store.read_split(store_root, manifest, "train", cls.image_inputs, cls.text_inputs), cls)
     splits = {"train": train_split}
     try:
-        splits["val"] = method_inputs(store.read_split(features.path, "val", cls.image_inputs, cls.text_inputs), cls)
+        splits["val"] = method_inputs(store.read_split(store_root, manifest, "val", cls.image_inputs, cls.text_inputs), cls)
     except ValueError:
         log("train: no val split, training without per-epoch validation")
     kwargs = {"image_dim": train_split["image"].shape[1], "text_dim": train_split["text"].shape[1],
@@ -306,8 +308,8 @@ def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: Stag
 
     ec = cfg.eval
     method = load_trained(trained.path)
-    split = store.read_split(features.path, ec.split, ("image_embed",) + tuple(method.image_inputs),
-                             ("text_embed",) + tuple(method.text_inputs))
+    split = store.read_split(*store.open_selection(features.path), ec.split,
+                             ("image_embed",) + tuple(method.image_inputs), ("text_embed",) + tuple(method.text_inputs))
     fp = digest({"train": trained.fingerprint, "features": features.fingerprint, "eval": to_dict(ec)})
     upstream = [features.run_id, trained.run_id]
     with stage_run(tracker, "eval", fp, {"eval": to_dict(ec)}, upstream,

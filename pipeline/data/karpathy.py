@@ -23,7 +23,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, key_prefix: str
         raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
     try:
         entries = json.loads(json_path.read_text(encoding="utf-8"))["images"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{json_path}: not a Karpathy split file ({err})") from err
     samples = []
     for n, entry in enumerate(entries):

@@ -34,6 +34,14 @@ class ShardPlan:
     samples: list[Sample]
 
 
+def check_splits(samples: list[Sample], required: list[str]) -> None:
+    """Raises ValueError naming the first split in `required` that has no sample."""
+    present = {s.split for s in samples}
+    for split in required:
+        if split not in present:
+            raise ValueError(f"split {split!r} is empty (the dataset has: {', '.join(sorted(present)) or 'nothing'})")
+
+
 def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardPlan]:
     """Returns the shard plans: each split's samples sorted by key, cut every `shard_size` samples.
 

@@ -21,10 +21,10 @@ from pipeline.features.extractors import get_extractor
 from pipeline.features.precision import pick_device
 
 
-def extract_shard(module: ModuleType, extractor, shard_path: str | Path, split_dir: str | Path, batch_size: int,
-                  with_tokens: bool, progress: bool = False) -> dict:
+def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir: str | Path, stem: str,
+                  batch_size: int, with_tokens: bool, progress: bool = False) -> dict:
     """Encodes every image and caption of one tar and writes `<stem>.images/.captions.parquet` atomically
-    into `split_dir`; returns {images_file, captions_file, num_images, num_captions, seconds}.
+    into `out_dir`; returns {images_file, captions_file (names in out_dir), num_images, num_captions, seconds}.
 
     Identical caption strings within the shard are encoded once."""
     t0 = time.perf_counter()
@@ -61,9 +61,8 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, split_d
         else:
             text_arrays[k] = np.concatenate(parts)[inverse]
 
-    stem = Path(shard_path).name.removesuffix(".tar")
     images_file, captions_file = store.write_shard(
-        Path(split_dir), stem,
+        Path(out_dir), stem,
         store.image_table([s["key"] for s in samples], [s["json"].get("labels", []) for s in samples], image_arrays),
         store.caption_table(cap_keys, cap_index, cap_text, text_arrays),
     )
@@ -73,7 +72,8 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, split_d
 
 class ShardFeatureWriter:
     """Ray Data actor: loads the extractor once; each call extracts the shards of a batch of manifest rows
-    (columns shard_path, shard, split, sha256) and returns their store manifest rows."""
+    (columns shard_path, shard, split, sha256) and returns their store manifest rows. Output files are
+    named by shard and content (`<split>/<shard>.<sha256[:16]>.*.parquet`), so versions never collide."""
 
     def __init__(self, cfg: dict, store_dir: str, run_id: str, threads: int):
         import torch
@@ -88,7 +88,10 @@ class ShardFeatureWriter:
     def __call__(self, batch: dict) -> dict:
         rows = []
         for path, shard, split, sha in zip(batch["shard_path"], batch["shard"], batch["split"], batch["sha256"]):
-            row = extract_shard(self.module, self.extractor, path, self.store_dir / split, self.cfg.batch_size,
-                                self.cfg.store_tokens)
+            stem = f"{Path(shard).name.removesuffix('.tar')}.{sha[:16]}"
+            row = extract_shard(self.module, self.extractor, path, self.store_dir / split, stem,
+                                self.cfg.batch_size, self.cfg.store_tokens)
+            row["images_file"] = f"{split}/{row['images_file']}"
+            row["captions_file"] = f"{split}/{row['captions_file']}"
             rows.append({"shard": shard, "split": split, "shard_sha256": sha, "run_id": self.run_id, **row})
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}

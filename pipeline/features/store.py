@@ -1,8 +1,10 @@
-"""Feature store: `<features>/<dataset>/<extractor-fingerprint>/<split>/<shard>.{images,captions}.parquet`.
+"""Feature store: `<features>/<dataset>/<extractor-fingerprint>/<split>/<shard>.<sha>.{images,captions}.parquet`.
 
-One pair of Parquet files per input shard, arrays as fixed-size lists of float16 (variable-length
-token lists as flat float16 lists with a length column), and `manifest.parquet` as the commit record:
-a shard's features count as present only when its manifest row exists.
+One pair of Parquet files per (input shard, shard content), arrays as fixed-size lists of float16
+(variable-length token lists as flat float16 lists with a length column), and `manifest.parquet` as the
+commit record: a shard's features count as present only when its manifest row exists. A store serves
+every version of a dataset; a selection (a manifest subset, written by the extract stage per input)
+says which rows one input uses.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.io import atomic_write_parquet
 
 MANIFEST = "manifest.parquet"
+SELECTIONS = "inputs"  # <store>/inputs/<extract fingerprint>/manifest.parquet
 IMAGE_ARRAYS = ("image_embed", "image_pooled", "patch_tokens")
 CAPTION_ARRAYS = ("text_embed", "text_pooled")
 
@@ -74,9 +77,31 @@ def read_manifest(store: Path) -> pd.DataFrame:
 
 
 def write_manifest(store: Path, manifest: pd.DataFrame) -> Path:
-    """Writes the manifest atomically, rows sorted by split and shard."""
-    manifest = manifest.sort_values(["split", "shard"]).reset_index(drop=True)
+    """Writes the manifest atomically, rows sorted by split and shard, one row per (shard, content)."""
+    keys = [c for c in ("shard", "shard_sha256") if c in manifest]
+    manifest = manifest.drop_duplicates(keys, keep="last").sort_values(["split", "shard"]).reset_index(drop=True)
     return atomic_write_parquet(Path(store) / MANIFEST, pa.Table.from_pandas(manifest, preserve_index=False))
+
+
+def select(manifest: pd.DataFrame, shards: pd.DataFrame) -> pd.DataFrame:
+    """Returns the store rows of the given shard manifest's (shard, sha256) pairs; raises ValueError
+    naming the first shard that has no features."""
+    have = set(zip(manifest["shard"], manifest["shard_sha256"])) if len(manifest) else set()
+    missing = [s for s, h in zip(shards["shard"], shards["sha256"]) if (s, h) not in have]
+    if missing:
+        raise ValueError(f"feature store has no features for shard {missing[0]} ({len(missing)} missing)")
+    wanted = set(zip(shards["shard"], shards["sha256"]))
+    keep = [(s, h) in wanted for s, h in zip(manifest["shard"], manifest["shard_sha256"])]
+    return manifest[keep].reset_index(drop=True)
+
+
+def open_selection(selection: str | Path) -> tuple[Path, pd.DataFrame]:
+    """Returns (store folder, selection manifest) for a selection folder written by the extract stage."""
+    selection = Path(selection)
+    manifest = read_manifest(selection)
+    if not len(manifest):
+        raise FileNotFoundError(f"no feature selection at {selection}: run the extract stage first")
+    return selection.parent.parent, manifest
 
 
 @dataclass
@@ -99,14 +124,14 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
     return values.reshape((len(col),) + (shape or (col.type.list_size,)))
 
 
-def read_split(store: str | Path, split: str, image_columns=("image_embed", "image_pooled"),
+def read_split(store: str | Path, manifest: pd.DataFrame, split: str, image_columns=("image_embed", "image_pooled"),
                caption_columns=("text_embed", "text_pooled")) -> FeatureSplit:
-    """Returns the requested columns of every committed shard of `split`, in manifest order.
+    """Returns the requested columns of the shards of `split` listed in `manifest` (the store's manifest
+    or a selection of it), in manifest order; files are read relative to the store folder.
 
     Each shard's arrays are zero-copy views over its memory-mapped file; several shards are concatenated."""
     store = Path(store)
     image_columns, caption_columns = tuple(dict.fromkeys(image_columns)), tuple(dict.fromkeys(caption_columns))
-    manifest = read_manifest(store)
     rows = manifest[manifest["split"] == split] if len(manifest) else manifest
     if not len(rows):
         raise ValueError(f"feature store {store} has no shard of split {split!r}")
@@ -114,8 +139,8 @@ def read_split(store: str | Path, split: str, image_columns=("image_embed", "ima
     img_parts: dict[str, list] = {c: [] for c in image_columns}
     cap_parts: dict[str, list] = {c: [] for c in caption_columns}
     for row in rows.itertuples():
-        it = pq.read_table(store / split / row.images_file, memory_map=True)
-        ct = pq.read_table(store / split / row.captions_file, memory_map=True)
+        it = pq.read_table(store / row.images_file, memory_map=True)
+        ct = pq.read_table(store / row.captions_file, memory_map=True)
         offset = len(keys)
         shard_keys = it.column("key").to_pylist()
         position = {k: offset + i for i, k in enumerate(shard_keys)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -80,8 +81,11 @@ def stage_run(tracker: Tracker, stage: str, fingerprint: str, config: dict, upst
                           tags=_tags(stage, fingerprint, upstream)) as run:
         mlflow.log_params(_params(config))
         if inputs is not None:
-            dataset = mlflow.data.from_pandas(inputs, source=input_source or None, name=input_name, digest=input_digest)
-            mlflow.log_input(dataset, context=stage)
+            with warnings.catch_warnings():  # schema inference warns about integer columns: not a model input
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_pandas(inputs, source=input_source or None, name=input_name,
+                                                  digest=input_digest)
+                mlflow.log_input(dataset, context=stage)
         yield run.info.run_id
 
 
@@ -99,3 +103,26 @@ def log_cached_stage(tracker: Tracker, stage: str, fingerprint: str, producer_ru
     with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=f"{stage} (cached)", nested=nested,
                           tags=tags) as run:
         return run.info.run_id
+
+
+def lineage(client, run_id: str) -> list[dict]:
+    """Returns the chain of stage runs behind `run_id`, itself first, walking `itr.upstream` tags (a
+    cached run stands for its producer, `itr.cached_from`): one dict per run with stage, run_id,
+    fingerprint, cached_from, and the names and digests of its logged inputs."""
+    chain, todo, seen = [], [run_id], set()
+    while todo:
+        rid = todo.pop(0)
+        if rid in seen:
+            continue
+        seen.add(rid)
+        run = client.get_run(rid)
+        tags = run.data.tags
+        chain.append({
+            "stage": tags.get("itr.stage"), "run_id": rid, "fingerprint": tags.get("itr.fingerprint"),
+            "cached_from": tags.get("itr.cached_from"),
+            "inputs": [f"{d.dataset.name}@{d.dataset.digest}" for d in run.inputs.dataset_inputs],
+        })
+        todo += [u for u in tags.get("itr.upstream", "").split(",") if u]
+        if tags.get("itr.cached_from"):
+            todo.append(tags["itr.cached_from"])
+    return chain

@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                 momentum.image_queue.enqueue(keys["image"], batch["ids"])
                 momentum.text_queue.enqueue(keys["text"], batch["ids"])
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v.item()
         metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
         metrics.update(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - t0)
         if val_split is not None:

@@ -8,14 +8,20 @@ from pipeline.data.sample import Sample
 
 SOURCES = {
     "synthetic": "pipeline.data.sources.synthetic",
+    "coco": "pipeline.data.sources.coco",
+    "flickr30k": "pipeline.data.sources.flickr30k",
 }
+
+
+def check_source(source: str, root: str | Path) -> None:
+    """Raises ValueError for an unknown source, FileNotFoundError naming `root` when it is missing."""
+    if source not in SOURCES:
+        raise ValueError(f"data.source: unknown data source {source!r} (known: {', '.join(sorted(SOURCES))})")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
 
 
 def load_samples(source: str, root: str | Path, name: str) -> list[Sample]:
     """Returns every sample of dataset `name` read by source `source` from folder `root`."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r} (known: {', '.join(sorted(SOURCES))})")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
-    return importlib.import_module(SOURCES[source]).load_samples(root, name)
+    check_source(source, root)
+    return importlib.import_module(SOURCES[source]).load_samples(Path(root), name)

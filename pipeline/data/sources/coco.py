@@ -1,0 +1,13 @@
+"""MS-COCO with the Karpathy split: `<root>/dataset_coco.json`, images under `<root>/train2014/` and
+`<root>/val2014/` (the `filepath` of each entry); `restval` is training data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.data.karpathy import read_karpathy
+from pipeline.data.sample import Sample
+
+
+def load_samples(root: Path, name: str) -> list[Sample]:
+    """Returns one sample per COCO image of the Karpathy split file, keyed `{name}-{cocoid}`."""
+    return read_karpathy(root / "dataset_coco.json", root, key_prefix=name)

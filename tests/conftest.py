@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Ray cluster (2 CPUs) for the session, MLflow on sqlite in a temp dir,
+a tiny synthetic dataset and the micro open_clip config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+TINY_OVERRIDES = [
+    "data.synth.num_train=240", "data.synth.num_val=40", "data.synth.num_test=60", "data.synth.image_size=32",
+    "data.synth.max_objects=2", "shard.shard_size=100", "features.model=itr-vit-micro-32",
+    "features.batch_size=64", "train.epochs=2", "train.batch_size=64", "train.hidden_dim=128",
+    "train.embed_dim=64", "train.queue_size=256", "train.warmup_steps=5",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray with 2 CPUs, shared by every integration test."""
+    import ray
+
+    from pipeline.ray_runtime import free_port
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    """An MLflow tracker on sqlite in a temp dir."""
+    from pipeline.tracking.runs import open_tracker
+
+    return open_tracker(f"sqlite:///{tmp_path}/mlflow.db", "test")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (240/40/60 images at 32 px)."""
+    from pipeline.data.sources import synthetic
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    synthetic.generate(root, seed=0, num_train=240, num_val=40, num_test=60, image_size=32, max_objects=2,
+                       progress=False)
+    return root

@@ -1,0 +1,57 @@
+"""Config loading: typed sections, overrides, and one clear error per bad key or value."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, flatten, load_config, to_dict
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "workdir: w\ntrain: {epochs: 3, lr: 2.0e-3}\n"))
+    assert cfg.train.epochs == 3 and cfg.train.lr == 2e-3 and cfg.shard.shard_size == 1000
+    assert cfg.data_root == (tmp_path.cwd() / "w" / "data" / "synthetic").resolve()
+
+
+def test_overrides_parse_yaml_values_and_numbers_in_yaml11_form(tmp_path):
+    cfg = load_config(write(tmp_path, "{}"), ["train.lr=1e-3", "train.epochs=7", "features.pretrained=/x.pt",
+                                              "eval.ks=[1,2]", "train.use_gpu=true"])
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 7 and cfg.features.pretrained == "/x.pt"
+    assert cfg.eval.ks == [1, 2] and cfg.train.use_gpu is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trian: {epochs: 1}", "unknown config key trian"),
+    ("train: {epochz: 1}", "unknown config key train.epochz"),
+    ("train: {epochs: two}", "train.epochs: expected an integer, got 'two'"),
+    ("train: {lr: abc}", "train.lr: expected a number"),
+    ("train: {use_gpu: 1}", "train.use_gpu: expected true or false"),
+    ("train: 5", "train: expected a mapping"),
+    ("eval: {ks: 5}", "eval.ks: expected a list"),
+    ("train: {batch_size: 100, num_workers: 3}", "train.batch_size: 100 is not divisible"),
+    ("train: {queue_size: 1000, batch_size: 512}", "train.queue_size: 1000 is not a multiple"),
+    ("features: {precision: fp8}", "features.precision"),
+    ("shard: {shard_size: 0}", "shard.shard_size: must be positive"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown config key train.nope"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(to_dict(load_config(None)))
+    assert flat["train.lr"] == 1e-3 and flat["data.synth.seed"] == 0 and "tracking.uri" in flat

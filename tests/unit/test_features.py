@@ -1,0 +1,97 @@
+"""open_clip extractor (micro random config), store round trip, zero-copy reads, and extract_shard."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import FeaturesConfig
+from pipeline.data.shard import plan_shards, write_shard
+from pipeline.data.sources import load_samples
+from pipeline.features import store
+from pipeline.features.extract import extract_shard
+from pipeline.features.extractors import get_extractor
+from pipeline.features.extractors import openclip
+
+MICRO = FeaturesConfig(model="itr-vit-micro-32", precision="fp32", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return openclip.load(MICRO, torch.device("cpu"))
+
+
+def test_same_seed_same_weights_and_output_shapes(extractor):
+    again = openclip.load(MICRO, torch.device("cpu"))
+    for a, b in zip(extractor.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    images = [Image.new("RGB", (32, 32), (i * 50, 0, 0)) for i in range(3)]
+    out = openclip.encode_images(extractor, images, with_tokens=True)
+    assert out["image_embed"].shape == (3, 64) and out["patch_tokens"].shape == (3, 16, 64)
+    assert np.allclose(out["image_pooled"], out["patch_tokens"].mean(1), atol=1e-5)
+    texts = openclip.encode_texts(extractor, ["a red circle", "a big blue square on the left"], with_tokens=True)
+    assert texts["text_embed"].shape == (2, 64)
+    # tokens: start + words + end, padding removed
+    assert [t.shape[0] for t in texts["text_tokens"]] == [5, 9]
+    assert np.allclose(texts["text_pooled"][0], texts["text_tokens"][0].mean(0), atol=1e-5)
+
+
+def test_bf16_autocast_stays_close_to_fp32(extractor):
+    bf16 = openclip.load(FeaturesConfig(model="itr-vit-micro-32", precision="bf16"), torch.device("cpu"))
+    texts = ["a small green triangle above a white cross", "two shapes"]
+    a = openclip.encode_texts(extractor, texts, False)["text_embed"]
+    b = openclip.encode_texts(bf16, texts, False)["text_embed"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99  # stated tolerance: cosine >= 0.99 to the fp32 embedding
+
+
+def test_unknown_model_and_extractor_names():
+    with pytest.raises(ValueError, match="unknown open_clip model 'nope'"):
+        openclip.load(FeaturesConfig(model="nope"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown extractor 'clipx'"):
+        get_extractor("clipx")
+
+
+def test_extract_shard_writes_store_and_reader_returns_views(tmp_path, synth_root, extractor):
+    samples = [s for s in load_samples("synthetic", synth_root, "synthetic") if s.split == "test"]
+    plans = plan_shards(samples, 40)
+    rows = []
+    for plan in plans:
+        write_shard(plan, tmp_path / "shards")
+        row = extract_shard(openclip, extractor, tmp_path / "shards" / plan.name, tmp_path / "store" / "test",
+                            plan.name[5:-4], batch_size=16, with_tokens=True)
+        rows.append({"shard": plan.name, "split": "test", "shard_sha256": "x", "run_id": "r", **row,
+                     "images_file": f"test/{row['images_file']}", "captions_file": f"test/{row['captions_file']}"})
+    manifest = pd.DataFrame(rows)
+    split = store.read_split(tmp_path / "store", manifest, "test", ("image_embed", "patch_tokens"), ("text_embed",))
+    assert len(split.keys) == 60 and split.images["patch_tokens"].shape == (60, 16, 64)
+    assert split.images["image_embed"].dtype == np.float16 and split.captions["text_embed"].shape == (300, 64)
+    assert np.bincount(split.caption_image).tolist() == [5] * 60
+    assert split.keys == sorted(split.keys) and all(split.labels)
+    # the stored embedding is the extractor's output (float16)
+    first = next(s for s in samples if s.key == split.keys[0])
+    direct = openclip.encode_images(extractor, [Image.open(first.image).convert("RGB")], False)["image_embed"][0]
+    assert np.allclose(split.images["image_embed"][0], direct, atol=2e-2)
+    text = openclip.encode_texts(extractor, [split.caption_text[1]], False)["text_embed"][0]
+    assert np.allclose(split.captions["text_embed"][1], text, atol=2e-2)
+    with pytest.raises(ValueError, match="no shard of split 'train'"):
+        store.read_split(tmp_path / "store", manifest, "train")
+    with pytest.raises(ValueError, match="no features for shard test/shard-000009.tar"):
+        store.select(manifest, pd.DataFrame({"shard": ["test/shard-000009.tar"], "sha256": ["x"]}))
+    assert len(store.select(manifest, pd.DataFrame({"shard": [rows[0]["shard"]], "sha256": ["x"]}))) == 1
+
+
+def test_single_shard_read_is_zero_copy(tmp_path):
+    arrays = {"image_embed": np.arange(12, dtype=np.float16).reshape(3, 4),
+              "image_pooled": np.ones((3, 2), np.float16)}
+    text = {"text_embed": np.zeros((3, 4), np.float16), "text_pooled": np.zeros((3, 2), np.float16)}
+    files = store.write_shard(tmp_path / "s" / "val", "shard-000000",
+                              store.image_table(["a", "b", "c"], [[], [], []], arrays),
+                              store.caption_table(["a", "b", "c"], [0, 0, 0], ["x", "y", "z"], text))
+    manifest = pd.DataFrame([{"shard": "val/shard-000000.tar", "split": "val",
+                              "images_file": f"val/{files[0]}", "captions_file": f"val/{files[1]}"}])
+    split = store.read_split(tmp_path / "s", manifest, "val")
+    assert not split.images["image_embed"].flags.owndata  # a view over the mapped file
+    assert split.images["image_embed"].tolist() == arrays["image_embed"].tolist()

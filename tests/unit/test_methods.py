@@ -1,0 +1,78 @@
+"""Method registry and the InfoNCE head: standardisation, shapes, loss, and a short fit on separable data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.eval.metrics import evaluate_embeddings
+from pipeline.methods import METHODS, create_method
+from pipeline.methods.infonce import MomentumState
+from pipeline.train.loop import epoch_batches, make_batch, warmup_cosine
+from pipeline.train.momentum import MomentumQueue, momentum_copy
+
+
+def test_registry_and_unknown_name():
+    assert "infonce" in METHODS
+    with pytest.raises(ValueError, match="unknown method 'vsepp'"):
+        create_method("vsepp")
+
+
+def test_standardisation_removes_a_shared_offset():
+    head = create_method("infonce", image_dim=4, text_dim=3, embed_dim=8, hidden_dim=16)
+    img = torch.randn(100, 4) * 0.01 + 50.0  # a large common component, as random-init features have
+    txt = torch.randn(100, 3) + 5.0
+    head.set_standardization(img, txt)
+    x = (img - head.image_mean) / head.image_std
+    assert x.mean(0).abs().max() < 1e-3 and (x.std(0) - 1).abs().max() < 1e-3
+    out = head({"image": img[:5], "text": txt[:5]})
+    assert out["image"].shape == (5, 8) and torch.allclose(out["image"].norm(dim=1), torch.ones(5))
+    assert head.score(out["image"], out["text"]).shape == (5, 5)
+
+
+def test_head_learns_a_noisy_pairing_with_queue():
+    torch.manual_seed(0)
+    n, per = 64, 2
+    latent = torch.randn(n, 6)
+    split = {"image": (latent @ torch.randn(6, 10)).numpy().astype(np.float16),
+             "text": (latent.repeat_interleave(per, 0) @ torch.randn(6, 12) + 0.1 * torch.randn(n * per, 12)).numpy().astype(np.float16),
+             "caption_image": np.repeat(np.arange(n), per)}
+    head = create_method("infonce", image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, temperature=0.1)
+    head.set_standardization(torch.from_numpy(split["image"]).float(), torch.from_numpy(split["text"]).float())
+    state = MomentumState(momentum_copy(head), MomentumQueue(64, 16), MomentumQueue(64, 16))
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    def metrics():
+        with torch.no_grad():
+            return evaluate_embeddings(head.encode_image({"image": torch.from_numpy(split["image"])}),
+                                       head.encode_text({"text": torch.from_numpy(split["text"])}),
+                                       split["caption_image"])
+
+    before = metrics()["rsum"]
+    for epoch in range(40):
+        for rows in epoch_batches(np.arange(n * per), 32, 0, epoch, 0):
+            batch = make_batch(split, rows, torch.device("cpu"))
+            parts = head.loss(head(batch), batch, state)
+            opt.zero_grad()
+            parts["loss"].backward()
+            opt.step()
+            with torch.no_grad():
+                keys = state.model(batch)
+            state.image_queue.enqueue(keys["image"], batch["ids"])
+            state.text_queue.enqueue(keys["text"], batch["ids"])
+    after = metrics()
+    assert set(parts) == {"loss", "loss_i2t", "loss_t2i"}
+    assert after["rsum"] > before + 150 and after["t2i_R@1"] > 60
+
+
+def test_epoch_batches_are_full_shuffled_and_seeded():
+    rows = np.arange(10)
+    a = epoch_batches(rows, 3, seed=1, epoch=0, rank=0)
+    assert len(a) == 3 and all(len(b) == 3 for b in a)
+    assert [b.tolist() for b in a] == [b.tolist() for b in epoch_batches(rows, 3, 1, 0, 0)]
+    assert [b.tolist() for b in a] != [b.tolist() for b in epoch_batches(rows, 3, 1, 1, 0)]
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
