@@ -322,7 +322,11 @@ def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: Stag
         ranks["frozen features"] = retrieval_ranks(raw_img, raw_txt, split.caption_image, ec.chunk_size)
         rows = {f"{trained.info.get('method', 'trained')} (trained)": recall_metrics(*ranks["trained"], ks=ec.ks),
                 "frozen features (untrained)": recall_metrics(*ranks["frozen features"], ks=ec.ks)}
-        ceiling = (read_json(cfg.data_root / "ceiling.json") or {}).get(ec.split) if cfg.data.source == "synthetic" else None
+        ceiling = None
+        if cfg.data.source == "synthetic":
+            from pipeline.data.sources.synthetic import read_ceiling
+
+            ceiling = read_ceiling(cfg.data_root).get(ec.split)
         if ceiling:
             rows["perfect-model ceiling"] = {k: v for k, v in ceiling.items() if v is not None}
         table = format_table(rows, ec.ks)
@@ -335,7 +339,8 @@ def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: Stag
         with atomic_dir(out) as tmp:
             atomic_write_json(tmp / "metrics.json", metrics)
             (tmp / "table.md").write_text(table + "\n")
-            plot_recall_curves(ranks, tmp / "recall.png")
+            plot_recall_curves(ranks, tmp / "recall.png",
+                               ceiling_r1=(ceiling["i2t_R@1"], ceiling["t2i_R@1"]) if ceiling else None)
         mlflow.log_metrics(metric_names(metrics))
         mlflow.log_artifacts(str(out))
         return _commit(out, "eval", fp, run_id, {"table": table, "metrics": metrics})

@@ -70,8 +70,10 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
     return 100.0 * np.cumsum(counts) / len(ranks)
 
 
-def plot_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, max_k: int = 50) -> Path:
-    """Draws R@K against K (log scale) for each named model, i2t and t2i side by side; saves a PNG at `path`."""
+def plot_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, max_k: int = 50,
+                       ceiling_r1: tuple[float, float] | None = None) -> Path:
+    """Draws R@K against K (log scale) for each named model's (i2t ranks, t2i ranks), the two directions
+    side by side, with the perfect-model R@1 (i2t, t2i) as a star when given; saves a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +84,8 @@ def plot_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: s
     for ax, direction, idx in ((axes[0], "image -> text", 0), (axes[1], "text -> image", 1)):
         for name, ranks in curves.items():
             ax.plot(ks, recall_curve(ranks[idx], max_k), label=name)
+        if ceiling_r1 is not None:
+            ax.plot([1], [ceiling_r1[idx]], "*", markersize=12, color="black", label="perfect-model R@1")
         ax.set_xscale("log")
         ax.set_xlabel("K")
         ax.set_title(direction)

@@ -16,6 +16,7 @@ import json
 import numbers
 import re
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ KARPATHY_FILE = "dataset_synthetic.json"
 IMAGE_DIR = "images"
 SPLITS = ("train", "val", "test")
 CEILING_SPLITS = ("test", "val")
+PREVIEW_IMAGES = 8  # test images drawn with a caption into preview.png
 
 
 # ----------------------------------------------------------------------------- scenes and meanings
@@ -453,6 +455,26 @@ def _write_labels(out: Path, filenames: Sequence[str], concepts: Sequence[list[s
     )
 
 
+def _write_preview(out: Path, filenames: Sequence[str], texts: Sequence[str], path: Path) -> None:
+    """Draws a grid of images, each with one of its captions, to a PNG: what the set looks like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(filenames) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name, text in zip(axes.flat, filenames, texts):
+        ax.imshow(Image.open(out / IMAGE_DIR / name), interpolation="nearest")
+        ax.set_title(textwrap.fill(text, 40), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val: int = 100, num_test: int = 500,
              image_size: int = 64, max_objects: int = 3, progress: bool = True) -> dict:
     """Writes the dataset under `root` atomically (built in a sibling temp folder, then renamed over
@@ -496,6 +518,9 @@ def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val:
                 [scenes[i] for i in members], [[c.meaning for c in captions[i]] for i in members]
             ) if members else {"t2i_R@1": None, "i2t_R@1": None}
         _write_json(out / "ceiling.json", ceiling)
+        shown = [i for i, split in enumerate(image_splits) if split == "test"][:PREVIEW_IMAGES]
+        _write_preview(out, [entries[i]["filename"] for i in shown], [captions[i][0].text for i in shown],
+                       out / "preview.png")
         summary = {"code_version": CODE_VERSION, "config": config, "counts": counts,
                    "num_captions": sentid, "concepts": list(CONCEPTS)}
         _write_json(out / "synth.json", summary)
