@@ -28,5 +28,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests jobs benchmarks
+
 clean:
 	rm -rf work .pytest_cache

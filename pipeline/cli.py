@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="experiment YAML (see jobs/configs/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        if name == "eval":
+            p.add_argument("--zero-shot", action="store_true",
+                           help="benchmark the extractors of eval.zero_shot (default: features) zero-shot: "
+                                "one table of R@K (and mAP@k on labelled sets) per model, no training")
     return parser
 
 
@@ -55,17 +59,17 @@ def mlflow_ui_command(uri: str) -> str:
     """Returns the shell command that browses the tracking store on 127.0.0.1."""
     if uri.startswith("sqlite:///"):
         mlflow_bin = Path(sys.executable).parent / "mlflow"
-        return f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        mlflow_cmd = mlflow_bin if mlflow_bin.exists() else "mlflow"
+        return f"{mlflow_cmd} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} (tracking server)"
 
 
-def execute(command: str, cfg: Config) -> dict:
+def execute(command: str, cfg: Config, zero_shot: bool = False) -> dict:
     """Runs `command` (a stage name or `run`) and returns the stage results by name."""
+    from pipeline.data.sources import check_source
     from pipeline.ray_runtime import ray_session
     from pipeline.stages import run_stages
     from pipeline.tracking.runs import open_tracker, pipeline_run
-
-    from pipeline.data.sources import check_source
 
     last = "eval" if command == "run" else command
     if cfg.data.source != "synthetic":
@@ -75,7 +79,7 @@ def execute(command: str, cfg: Config) -> dict:
         if last == "synth":
             return run_stages(cfg, tracker, last)
         with ray_session(cfg.ray):
-            return run_stages(cfg, tracker, last)
+            return run_stages(cfg, tracker, last, zero_shot=zero_shot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_workdir(cfg)
-        results = execute(args.command, cfg)
+        results = execute(args.command, cfg, getattr(args, "zero_shot", False))
     except KeyboardInterrupt:
         print("itr: interrupted", file=sys.stderr)
         return 130
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"itr: error: {err}", file=sys.stderr)
         return 2
-    if "eval" in results:
-        print(results["eval"].info["table"])
-        print(f"\nmetrics: {results['eval'].path / 'metrics.json'}")
+    for stage in ("eval", "zero-shot"):
+        if stage in results:
+            print(results[stage].info["table"])
+            print(f"\nmetrics: {results[stage].path / 'metrics.json'}")
     print(f"browse the runs: {mlflow_ui_command(cfg.tracking_uri)}")
     return 0
 

@@ -78,8 +78,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     split: str = "test"
+    protocol: str = "generic"  # generic | coco-1k (5-fold) | coco-5k | f30k-1k
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    map_k: int = 100  # mAP@k / P@k for labelled sets; 0 = off
     chunk_size: int = 1024
+    zero_shot: list[FeaturesConfig] = field(default_factory=list)  # extractors for `itr eval --zero-shot`
 
 
 @dataclass

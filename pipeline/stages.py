@@ -191,9 +191,10 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
 def method_inputs(split, method) -> dict[str, np.ndarray]:
     """Returns {"image": (N, Di), "text": (M, Dt), "caption_image": (M,)} float16 inputs of a method from a
     `FeatureSplit` (its `image_inputs` / `text_inputs` columns concatenated)."""
+    n_images, n_captions = len(split.keys), len(split.caption_image)
     return {
-        "image": np.concatenate([split.images[c].reshape(len(split.keys), -1) for c in method.image_inputs], 1),
-        "text": np.concatenate([split.captions[c].reshape(len(split.caption_image), -1) for c in method.text_inputs], 1),
+        "image": np.concatenate([split.images[c].reshape(n_images, -1) for c in method.image_inputs], 1),
+        "text": np.concatenate([split.captions[c].reshape(n_captions, -1) for c in method.text_inputs], 1),
         "caption_image": split.caption_image,
     }
 
@@ -231,10 +232,13 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit
-    train_split = method_inputs(store.read_split(store_root, manifest, "train", cls.image_inputs, cls.text_inputs), cls)
+    def read(split: str) -> dict[str, np.ndarray]:
+        return method_inputs(store.read_split(store_root, manifest, split, cls.image_inputs, cls.text_inputs), cls)
+
+    train_split = read("train")
     splits = {"train": train_split}
     try:
-        splits["val"] = method_inputs(store.read_split(store_root, manifest, "val", cls.image_inputs, cls.text_inputs), cls)
+        splits["val"] = read("val")
     except ValueError:
         log("train: no val split, training without per-epoch validation")
     kwargs = {"image_dim": train_split["image"].shape[1], "text_dim": train_split["text"].shape[1],
@@ -287,22 +291,12 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
 
 
 # ---------------------------------------------------------------- eval
-def format_table(rows: dict[str, dict], ks=(1, 5, 10)) -> str:
-    """Returns a markdown table with one row per model: i2t and t2i R@K and rsum (blank where absent)."""
-    cols = [f"i2t_R@{k}" for k in ks] + [f"t2i_R@{k}" for k in ks] + ["rsum"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for name, m in rows.items():
-        cells = [f"{m[c]:.1f}" if m.get(c) is not None else "" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: StageResult) -> StageResult:
     """Evaluates the trained method and, as a reference row, the frozen extractor's own global embeddings on
     `eval.split`; writes metrics.json, table.md and recall.png under `<workdir>/eval/<fingerprint>`."""
     import mlflow
 
-    from pipeline.eval.metrics import plot_recall_curves, recall_metrics, retrieval_ranks
+    from pipeline.eval.report import evaluate_split, write_report
     from pipeline.features import store
     from pipeline.train.loop import embed_split
 
@@ -316,43 +310,85 @@ def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: Stag
                    inputs=pd.DataFrame({"key": split.keys}), input_name=f"{cfg.data.name}-{ec.split}",
                    input_source=str(features.path)) as run_id:
         img, txt = embed_split(method, method_inputs(split, method), torch.device("cpu"))
-        ranks = {"trained": retrieval_ranks(img, txt, split.caption_image, ec.chunk_size)}
-        raw_img = torch.nn.functional.normalize(torch.from_numpy(split.images["image_embed"].astype(np.float32)), dim=-1)
-        raw_txt = torch.nn.functional.normalize(torch.from_numpy(split.captions["text_embed"].astype(np.float32)), dim=-1)
-        ranks["frozen features"] = retrieval_ranks(raw_img, raw_txt, split.caption_image, ec.chunk_size)
-        rows = {f"{trained.info.get('method', 'trained')} (trained)": recall_metrics(*ranks["trained"], ks=ec.ks),
-                "frozen features (untrained)": recall_metrics(*ranks["frozen features"], ks=ec.ks)}
-        ceiling = None
-        if cfg.data.source == "synthetic":
-            from pipeline.data.sources.synthetic import read_ceiling
-
-            ceiling = read_ceiling(cfg.data_root).get(ec.split)
+        trained_name = f"{trained.info.get('method', 'trained')} (trained)"
+        rows, ranks = {}, {}
+        rows[trained_name], ranks["trained"] = evaluate_split(img, txt, split.caption_image, split.labels, ec)
+        rows["frozen features (untrained)"], ranks["frozen features"] = evaluate_split(
+            split.images["image_embed"], split.captions["text_embed"], split.caption_image, split.labels, ec)
+        ceiling = synthetic_ceiling(cfg)
         if ceiling:
-            rows["perfect-model ceiling"] = {k: v for k, v in ceiling.items() if v is not None}
-        table = format_table(rows, ec.ks)
-        metrics = dict(rows[next(iter(rows))])
+            rows["perfect-model ceiling"] = ceiling
+        metrics = dict(rows[trained_name])
         metrics.update({f"frozen_{k}": v for k, v in rows["frozen features (untrained)"].items()})
-        if ceiling:
-            metrics.update({f"ceiling_{k}": v for k, v in rows["perfect-model ceiling"].items()})
+        metrics.update({f"ceiling_{k}": v for k, v in (ceiling or {}).items()})
         metrics.update(num_images=len(split.keys), num_captions=len(split.caption_image))
         out = cfg.workdir_path / "eval" / fp
         with atomic_dir(out) as tmp:
-            atomic_write_json(tmp / "metrics.json", metrics)
-            (tmp / "table.md").write_text(table + "\n")
-            plot_recall_curves(ranks, tmp / "recall.png",
-                               ceiling_r1=(ceiling["i2t_R@1"], ceiling["t2i_R@1"]) if ceiling else None)
+            table = write_report(tmp, rows, ranks, metrics, ec.ks, ceiling)
         mlflow.log_metrics(metric_names(metrics))
         mlflow.log_artifacts(str(out))
         return _commit(out, "eval", fp, run_id, {"table": table, "metrics": metrics})
+
+
+def synthetic_ceiling(cfg: Config) -> dict | None:
+    """Returns the perfect-model R@1 of the eval split recorded by `itr synth` (None for other sources)."""
+    if cfg.data.source != "synthetic":
+        return None
+    from pipeline.data.sources.synthetic import read_ceiling
+
+    ceiling = read_ceiling(cfg.data_root).get(cfg.eval.split) or {}
+    return {k: v for k, v in ceiling.items() if v is not None} or None
+
+
+# ---------------------------------------------------------------- zero-shot benchmark
+def model_label(fc) -> str:
+    """Returns a short row name for an extractor config: `extractor:model:weights` (weights: the pretrained
+    tag or file name; for open_clip without weights, `random-seed<N>`)."""
+    weights = Path(fc.pretrained).name if fc.pretrained else ""
+    if not weights and fc.extractor == "open_clip":
+        weights = f"random-seed{fc.seed}"
+    return ":".join(part for part in (fc.extractor, Path(fc.model).name, weights) if part)
+
+
+def run_zero_shot(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResult:
+    """Extracts (or reuses) the features of every extractor in `eval.zero_shot` (default: `features`) and
+    evaluates their own global embeddings on `eval.split` under `eval.protocol`: one table, one row per
+    model, in `<workdir>/zero_shot/<fingerprint>/` and in MLflow."""
+    import dataclasses
+
+    import mlflow
+
+    from pipeline.eval.report import evaluate_split, write_report
+    from pipeline.features import store
+
+    ec = cfg.eval
+    models = ec.zero_shot or [cfg.features]
+    extracted = {model_label(fc): run_extract(dataclasses.replace(cfg, features=fc), tracker, shards) for fc in models}
+    fp = digest({"features": [r.fingerprint for r in extracted.values()], "eval": to_dict(ec)})
+    with stage_run(tracker, "zero-shot", fp, {"eval": to_dict(ec)}, [r.run_id for r in extracted.values()]) as run_id:
+        rows, ranks = {}, {}
+        for name, result in extracted.items():
+            split = store.read_split(*store.open_selection(result.path), ec.split, ("image_embed",), ("text_embed",))
+            rows[name], ranks[name] = evaluate_split(split.images["image_embed"], split.captions["text_embed"],
+                                                     split.caption_image, split.labels, ec)
+            log(f"zero-shot: {name}: t2i R@1 {rows[name]['t2i_R@1']:.1f}, rsum {rows[name]['rsum']:.1f}")
+        metrics = {f"{name}/{k}": v for name, m in rows.items() for k, v in m.items()}
+        out = cfg.workdir_path / "zero_shot" / fp
+        with atomic_dir(out) as tmp:
+            table = write_report(tmp, rows, ranks, metrics, ec.ks)
+        mlflow.log_metrics(metric_names(metrics))
+        mlflow.log_artifacts(str(out))
+        return _commit(out, "zero-shot", fp, run_id, {"table": table, "metrics": metrics})
 
 
 # ---------------------------------------------------------------- the whole chain
 STAGES = ("synth", "shard", "extract", "train", "eval")
 
 
-def run_stages(cfg: Config, tracker: Tracker, last: str = "eval") -> dict[str, StageResult]:
+def run_stages(cfg: Config, tracker: Tracker, last: str = "eval", zero_shot: bool = False) -> dict[str, StageResult]:
     """Runs the chain up to and including stage `last` (earlier stages reuse their cached outputs);
-    returns the results by stage name. The synth stage runs only for the synthetic source."""
+    returns the results by stage name. The synth stage runs only for the synthetic source. With
+    `zero_shot`, the eval stage is the zero-shot benchmark of `eval.zero_shot` (no training)."""
     if last not in STAGES:
         raise ValueError(f"unknown stage {last!r} (known: {', '.join(STAGES)})")
     stop = STAGES.index(last)
@@ -363,6 +399,9 @@ def run_stages(cfg: Config, tracker: Tracker, last: str = "eval") -> dict[str, S
         raise ValueError(f"itr synth needs data.source=synthetic, got {cfg.data.source!r}")
     if stop >= 1:
         results["shard"] = run_shard(cfg, tracker, [r.run_id for r in results.values()])
+    if zero_shot:
+        results["zero-shot"] = run_zero_shot(cfg, tracker, results["shard"])
+        return results
     if stop >= 2:
         results["extract"] = run_extract(cfg, tracker, results["shard"])
     if stop >= 3:

@@ -48,3 +48,11 @@ def synth_root(tmp_path_factory) -> Path:
     synthetic.generate(root, seed=0, num_train=240, num_val=40, num_test=60, image_size=32, max_objects=2,
                        progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """model_type -> folder of a tiny random CLIP / ALIGN / AltCLIP / GroupViT checkpoint (built once)."""
+    from tests.hf_checkpoints import build_checkpoints
+
+    return build_checkpoints(tmp_path_factory.mktemp("hf"))

@@ -16,31 +16,110 @@ from pathlib import Path
 import numpy as np
 import torch
 
+MAX_SCORE_ELEMENTS = 1 << 25  # scores held at once: 32M floats = 128 MiB
 
-def _first_positive_ranks(queries: torch.Tensor, gallery: torch.Tensor, positive_mask, chunk_size: int) -> np.ndarray:
-    """Returns (Q,) int64 ranks; `positive_mask(rows)` gives the (len(rows), G) bool positives of those queries."""
+
+def _first_positive_ranks(queries: torch.Tensor, gallery: torch.Tensor, positive_mask, chunk_size: int,
+                          max_elements: int = MAX_SCORE_ELEMENTS) -> np.ndarray:
+    """Returns (Q,) int64 ranks. `positive_mask(rows, cols)` gives the (len(rows), len(cols)) bool
+    positives of those queries among those gallery items. At most about `max_elements` scores exist at
+    once: query chunks of `chunk_size` rows, and, when the gallery is larger than one chunk allows,
+    gallery chunks scored twice (once for the best positive, once to count the negatives above it)."""
+    col_chunk = max(1, max_elements // chunk_size)
+    all_cols = torch.arange(len(gallery), device=gallery.device)
+    col_chunks = [all_cols[s:s + col_chunk] for s in range(0, len(gallery), col_chunk)]
     out = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
-        scores = queries[rows] @ gallery.T  # (c, G): one chunk, bounded memory
-        pos = positive_mask(rows)
-        if not bool(pos.any(1).all()):
-            raise ValueError(f"query {int(rows[~pos.any(1)][0])} has no positive in the gallery")
-        best = scores.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
-        out.append(((scores >= best) & ~pos).sum(1).cpu())
+        q = queries[rows]
+        best = torch.full((len(rows), 1), float("-inf"), device=queries.device)
+        scores = None
+        for cols in col_chunks:
+            scores = q @ gallery[cols].T
+            pos = positive_mask(rows, cols)
+            best = torch.maximum(best, scores.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values)
+        missing = torch.isneginf(best[:, 0])
+        if bool(missing.any()):
+            raise ValueError(f"query {int(rows[missing][0])} has no positive in the gallery")
+        count = torch.zeros(len(rows), dtype=torch.long, device=queries.device)
+        for cols in col_chunks:
+            if len(col_chunks) > 1:
+                scores = q @ gallery[cols].T  # same inputs, same kernel: the same scores as the first pass
+            count += ((scores >= best) & ~positive_mask(rows, cols)).sum(1)
+        out.append(count.cpu())
     return torch.cat(out).numpy().astype(np.int64)
 
 
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor | np.ndarray,
-                    chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                    chunk_size: int = 1024, max_elements: int = MAX_SCORE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
     """Returns (i2t ranks (N,), t2i ranks (M,)) for N image and M caption embeddings scored by dot product
-    (pass L2-normalised embeddings for cosine); `caption_image[j]` is the image index of caption j."""
+    (pass L2-normalised embeddings for cosine); `caption_image[j]` is the image index of caption j.
+    Memory stays bounded (see `_first_positive_ranks`), so COCO-scale sets need no full score matrix."""
     owner = torch.tensor(np.asarray(caption_image), dtype=torch.long, device=text_emb.device)
     image_emb, text_emb = image_emb.float(), text_emb.float()
-    image_ids = torch.arange(len(image_emb), device=image_emb.device)
-    i2t = _first_positive_ranks(image_emb, text_emb, lambda rows: owner[None, :] == rows[:, None], chunk_size)
-    t2i = _first_positive_ranks(text_emb, image_emb, lambda rows: image_ids[None, :] == owner[rows][:, None], chunk_size)
+    i2t_mask, t2i_mask = positive_masks(owner)
+    i2t = _first_positive_ranks(image_emb, text_emb, i2t_mask, chunk_size, max_elements)
+    t2i = _first_positive_ranks(text_emb, image_emb, t2i_mask, chunk_size, max_elements)
     return i2t, t2i
+
+
+def positive_masks(owner: torch.Tensor):
+    """Returns (i2t, t2i) functions `(rows (c,), cols (G,) or (c, G)) -> (c, G) bool` telling which gallery
+    items are positives of each query, given `owner[j]` = image index of caption j."""
+    return (lambda rows, cols: owner[cols] == rows[:, None]), (lambda rows, cols: cols == owner[rows][:, None])
+
+
+def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positive_mask, k: int, rerank,
+                    chunk_size: int = 1024) -> np.ndarray:
+    """Returns (Q,) ranks after two-stage retrieval: the top-`k` gallery items by dot product (ties broken
+    by gallery index), rescored by `rerank(rows (c,), candidates (c, k)) -> (c, k)` scores, ranked as in
+    `retrieval_ranks` among the candidates. A query with no positive among its candidates gets rank `k`:
+    a miss for every R@K with K <= k, never a hit."""
+    out = []
+    for start in range(0, len(queries), chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
+        scores = queries[rows].float() @ gallery.float().T
+        candidates = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        rescored = rerank(rows, candidates)
+        pos = positive_mask(rows, candidates)
+        best = rescored.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
+        ranks = ((rescored >= best) & ~pos).sum(1)
+        out.append(torch.where(pos.any(1), ranks, torch.full_like(ranks, k)).cpu())
+    return torch.cat(out).numpy().astype(np.int64)
+
+
+def multi_hot(labels: list[list[str]], vocabulary: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Returns ((N, C) bool label matrix, vocabulary) for per-item label lists."""
+    vocabulary = vocabulary or sorted({label for item in labels for label in item})
+    index = {label: i for i, label in enumerate(vocabulary)}
+    matrix = np.zeros((len(labels), len(vocabulary)), dtype=bool)
+    for row, item in enumerate(labels):
+        matrix[row, [index[label] for label in item]] = True
+    return matrix, vocabulary
+
+
+def map_at_k(queries: torch.Tensor, database: torch.Tensor, query_labels: np.ndarray, database_labels: np.ndarray,
+             k: int, chunk_size: int = 1024) -> dict[str, float]:
+    """Returns {"mAP@k", "P@k"} in percent for category-level retrieval: an item is relevant to a query when
+    they share at least one label. Items are ranked by dot product, ties broken by database index.
+
+    AP@k = (1/R_k) sum_{i<=k} P@i * rel_i with R_k = relevant items in the top k (AP = 0 when R_k = 0),
+    the definition of the cross-modal hashing/retrieval code bases (DCMH `calc_map_k`) and of torchmetrics'
+    `retrieval_average_precision(top_k=k)`; P@k = R_k / k. Both are averaged over queries."""
+    name, k = k, min(k, len(database))  # `name`: the k asked for
+    ql = torch.as_tensor(np.asarray(query_labels), dtype=torch.float32)
+    dl = torch.as_tensor(np.asarray(database_labels), dtype=torch.float32)
+    positions = torch.arange(1, k + 1, dtype=torch.float32)
+    ap_sum = p_sum = 0.0
+    for start in range(0, len(queries), chunk_size):
+        rows = slice(start, min(start + chunk_size, len(queries)))
+        scores = queries[rows].float() @ database.float().T
+        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        relevant = ((ql[rows] @ dl.T) > 0).gather(1, top).float()  # (c, k)
+        hits = relevant.sum(1)
+        ap_sum += float(((relevant.cumsum(1) / positions * relevant).sum(1) / hits.clamp_min(1)).sum())
+        p_sum += float((hits / name).sum())  # P@k divides by the k asked for, even past the database size
+    return {f"mAP@{name}": 100.0 * ap_sum / len(queries), f"P@{name}": 100.0 * p_sum / len(queries)}
 
 
 def recall_metrics(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:

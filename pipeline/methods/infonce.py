@@ -25,7 +25,8 @@ class MomentumState:
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Returns Linear -> LayerNorm -> GELU -> Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
+                         nn.Linear(hidden_dim, out_dim))
 
 
 @register_method("infonce")

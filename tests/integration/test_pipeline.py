@@ -37,7 +37,7 @@ def test_chain_then_cached_rerun(ray_cluster, tracker, tmp_path, monkeypatch):
     # eval: metrics.json with the standard keys, trained beats the frozen features
     metrics = json.loads((first["eval"].path / "metrics.json").read_text())
     for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "frozen_rsum",
-                "ceiling_t2i_R@1"):
+                "ceiling_t2i_R@1", "i2t_mAP@100", "t2i_mAP@100", "t2i_P@100", "i2t_medr"):
         assert key in metrics
     assert metrics["rsum"] > metrics["frozen_rsum"]
     assert (first["eval"].path / "recall.png").read_bytes()[:4] == b"\x89PNG"
@@ -106,3 +106,23 @@ def test_grown_store_extracts_only_new_shards(ray_cluster, tracker, tmp_path):
     assert len(manifest) == 6 and pd.Series(manifest["shard"]).is_unique
     assert len(store.read_manifest(store_dir)) == 7  # the first test shard's features stay for the old input
     assert len(store.read_split(store_dir, manifest, "test").keys) == 160
+
+
+def test_zero_shot_benchmark_one_table_per_model(ray_cluster, tracker, tmp_path, hf_checkpoints):
+    """open_clip and the four transformers VLMs (tiny random checkpoints) over one split: one table."""
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}"])
+    models = [["features.model=itr-vit-micro-32"]] + [
+        ["features.extractor=hf", f"features.model={path}"] for path in hf_checkpoints.values()]
+    cfg.eval.zero_shot = [load_config(None, m + ["features.batch_size=64"]).features for m in models]
+    with pipeline_run(tracker, "itr eval --zero-shot", to_dict(cfg)):
+        results = run_stages(cfg, tracker, zero_shot=True)
+    assert set(results) == {"synth", "shard", "zero-shot"}
+    table = (results["zero-shot"].path / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and "t2i_mAP@100" in table[0]
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| open_clip:itr-vit-micro-32:random-seed0", "| hf:clip", "| hf:align", "| hf:altclip", "| hf:groupvit"]
+    metrics = json.loads((results["zero-shot"].path / "metrics.json").read_text())
+    assert 0 <= metrics["hf:groupvit/t2i_R@1"] <= 100 and metrics["hf:align/i2t_mAP@100"] > 0
+    assert len(list((tmp_path / "w" / "features" / "synthetic").iterdir())) == 5  # one store per model

@@ -12,8 +12,7 @@ from pipeline.data.shard import plan_shards, write_shard
 from pipeline.data.sources import load_samples
 from pipeline.features import store
 from pipeline.features.extract import extract_shard
-from pipeline.features.extractors import get_extractor
-from pipeline.features.extractors import openclip
+from pipeline.features.extractors import get_extractor, openclip
 
 MICRO = FeaturesConfig(model="itr-vit-micro-32", precision="fp32", batch_size=16)
 

@@ -35,7 +35,8 @@ def test_head_learns_a_noisy_pairing_with_queue():
     n, per = 64, 2
     latent = torch.randn(n, 6)
     split = {"image": (latent @ torch.randn(6, 10)).numpy().astype(np.float16),
-             "text": (latent.repeat_interleave(per, 0) @ torch.randn(6, 12) + 0.1 * torch.randn(n * per, 12)).numpy().astype(np.float16),
+             "text": (latent.repeat_interleave(per, 0) @ torch.randn(6, 12)
+                      + 0.1 * torch.randn(n * per, 12)).numpy().astype(np.float16),
              "caption_image": np.repeat(np.arange(n), per)}
     head = create_method("infonce", image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, temperature=0.1)
     head.set_standardization(torch.from_numpy(split["image"]).float(), torch.from_numpy(split["text"]).float())

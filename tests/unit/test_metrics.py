@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from pipeline.eval.metrics import (
-    evaluate_embeddings, plot_recall_curves, recall_curve, recall_metrics, retrieval_ranks,
+    evaluate_embeddings,
+    plot_recall_curves,
+    recall_curve,
+    recall_metrics,
+    retrieval_ranks,
 )
 
 

@@ -2,10 +2,10 @@
 gloo ranks equal to the queue of one worker fed the same global batches."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import pytest
 
 from pipeline.train.losses import multi_positive_nce, queue_infonce
 from pipeline.train.momentum import MomentumQueue, ema_update, momentum_copy

@@ -8,7 +8,13 @@ import pytest
 
 from pipeline.data.sources import synthetic
 from pipeline.data.sources.synthetic import (
-    CaptionMeaning, ObjectMention, Relation, Scene, SceneObject, is_consistent, retrieval_ceiling,
+    CaptionMeaning,
+    ObjectMention,
+    Relation,
+    Scene,
+    SceneObject,
+    is_consistent,
+    retrieval_ceiling,
 )
 
 SMALL = {"num_train": 20, "num_val": 5, "num_test": 20, "image_size": 32, "progress": False}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXTRACTORS = {"open_clip": "pipeline.features.extractors.openclip"}
+EXTRACTORS = {"open_clip": "pipeline.features.extractors.openclip", "hf": "pipeline.features.extractors.hf"}
 
 
 def get_extractor(name: str) -> ModuleType:

@@ -87,7 +87,8 @@ def encode_texts(ext: OpenClipExtractor, texts: list[str], with_tokens: bool) ->
     tokens = out["text_intermediates"][-1].float()
     m = mask.unsqueeze(-1).float()
     pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
-    result: dict[str, Any] = {"text_embed": out["text_features"].float().cpu().numpy(), "text_pooled": pooled.cpu().numpy()}
+    result: dict[str, Any] = {"text_embed": out["text_features"].float().cpu().numpy(),
+                              "text_pooled": pooled.cpu().numpy()}
     if with_tokens:
         lengths = mask.sum(1).tolist()
         tok = tokens.cpu().numpy()
