@@ -16,37 +16,60 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MAX_SCORE_ELEMENTS = 1 << 25  # scores held at once: 32M floats = 128 MiB
+MAX_SCORE_ELEMENTS = 1 << 28  # scores held at once: 256M floats = 1 GiB (COCO 5K: 125M)
+CACHE_BLOCK_ELEMENTS = 1 << 22  # scores read per block (16 MiB): stays in cache across the two reads
 
 
-def _first_positive_ranks(queries: torch.Tensor, gallery: torch.Tensor, positive_mask, chunk_size: int,
-                          max_elements: int = MAX_SCORE_ELEMENTS) -> np.ndarray:
-    """Returns (Q,) int64 ranks. `positive_mask(rows, cols)` gives the (len(rows), len(cols)) bool
-    positives of those queries among those gallery items. At most about `max_elements` scores exist at
-    once: query chunks of `chunk_size` rows, and, when the gallery is larger than one chunk allows,
-    gallery chunks scored twice (once for the best positive, once to count the negatives above it)."""
+def positive_index(caption_image: np.ndarray | torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the positives of each query as gallery indices: i2t (N, P) = the captions of each image,
+    padded with -1 to the largest caption count P, and t2i (M, 1) = the image of each caption.
+    Raises ValueError naming an image that has no caption."""
+    owner = torch.as_tensor(np.asarray(caption_image), dtype=torch.long)
+    counts = torch.bincount(owner, minlength=num_images)
+    if len(owner) and int(owner.max()) >= num_images:
+        raise ValueError(f"caption {int(torch.argmax(owner))} belongs to image {int(owner.max())}, "
+                         f"but there are only {num_images} images")
+    if bool((counts == 0).any()):
+        raise ValueError(f"query {int(torch.nonzero(counts == 0)[0])} has no positive in the gallery "
+                         "(an image without captions)")
+    order = torch.argsort(owner, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    i2t = torch.full((num_images, int(counts.max())), -1, dtype=torch.long)
+    i2t[owner[order], torch.arange(len(owner)) - starts[owner[order]]] = order
+    return i2t, owner[:, None]
+
+
+def _ranks_given_scores(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Returns (c,) ranks from (c, G) scores and (c, P) positive indices (-1 = none): the number of
+    non-positive items scoring >= the best positive."""
+    pos_scores = scores.gather(1, positives.clamp(min=0)).masked_fill(positives < 0, float("-inf"))
+    best = pos_scores.max(1, keepdim=True).values
+    at_or_above = (scores >= best).sum(1, dtype=torch.int32) - (pos_scores >= best).sum(1, dtype=torch.int32)
+    return at_or_above.long()  # the positives at or above the best are not counted
+
+
+def _chunked_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: torch.Tensor, chunk_size: int,
+                   max_elements: int) -> np.ndarray:
+    """Returns (Q,) ranks scoring query chunks of `chunk_size` rows against gallery chunks, so that at most
+    about `max_elements` scores exist at once. A gallery chunked this way is scored twice (first for the
+    positives' scores, then to count); positives' scores come from the same products as the rest, so
+    ties are decided consistently."""
     col_chunk = max(1, max_elements // chunk_size)
-    all_cols = torch.arange(len(gallery), device=gallery.device)
-    col_chunks = [all_cols[s:s + col_chunk] for s in range(0, len(gallery), col_chunk)]
+    bounds = [(c0, min(c0 + col_chunk, len(gallery))) for c0 in range(0, len(gallery), col_chunk)]
     out = []
-    for start in range(0, len(queries), chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
-        q = queries[rows]
-        best = torch.full((len(rows), 1), float("-inf"), device=queries.device)
-        scores = None
-        for cols in col_chunks:
-            scores = q @ gallery[cols].T
-            pos = positive_mask(rows, cols)
-            best = torch.maximum(best, scores.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values)
-        missing = torch.isneginf(best[:, 0])
-        if bool(missing.any()):
-            raise ValueError(f"query {int(rows[missing][0])} has no positive in the gallery")
-        count = torch.zeros(len(rows), dtype=torch.long, device=queries.device)
-        for cols in col_chunks:
-            if len(col_chunks) > 1:
-                scores = q @ gallery[cols].T  # same inputs, same kernel: the same scores as the first pass
-            count += ((scores >= best) & ~positive_mask(rows, cols)).sum(1)
-        out.append(count.cpu())
+    for r0 in range(0, len(queries), chunk_size):
+        q, pos = queries[r0:r0 + chunk_size], positives[r0:r0 + chunk_size].to(queries.device)
+        if len(bounds) == 1:
+            out.append(_ranks_given_scores(q @ gallery.T, pos).cpu())
+            continue
+        pos_scores = torch.full(pos.shape, float("-inf"), device=queries.device)
+        for c0, c1 in bounds:
+            scores = q @ gallery[c0:c1].T
+            inside = (pos >= c0) & (pos < c1)
+            pos_scores = torch.where(inside, scores.gather(1, (pos - c0).clamp(0, c1 - c0 - 1)), pos_scores)
+        best = pos_scores.max(1, keepdim=True).values
+        count = sum((q @ gallery[c0:c1].T >= best).sum(1) for c0, c1 in bounds)
+        out.append((count - (pos_scores >= best).sum(1)).cpu())
     return torch.cat(out).numpy().astype(np.int64)
 
 
@@ -54,34 +77,45 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ima
                     chunk_size: int = 1024, max_elements: int = MAX_SCORE_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
     """Returns (i2t ranks (N,), t2i ranks (M,)) for N image and M caption embeddings scored by dot product
     (pass L2-normalised embeddings for cosine); `caption_image[j]` is the image index of caption j.
-    Memory stays bounded (see `_first_positive_ranks`), so COCO-scale sets need no full score matrix."""
-    owner = torch.tensor(np.asarray(caption_image), dtype=torch.long, device=text_emb.device)
+
+    When the N x M score matrix fits in `max_elements`, it is computed once and read in both directions;
+    otherwise each direction is scored in chunks with bounded memory (COCO scale needs no full matrix)."""
     image_emb, text_emb = image_emb.float(), text_emb.float()
-    i2t_mask, t2i_mask = positive_masks(owner)
-    i2t = _first_positive_ranks(image_emb, text_emb, i2t_mask, chunk_size, max_elements)
-    t2i = _first_positive_ranks(text_emb, image_emb, t2i_mask, chunk_size, max_elements)
-    return i2t, t2i
+    i2t_pos, t2i_pos = positive_index(caption_image, len(image_emb))
+    if len(image_emb) * len(text_emb) > max_elements:
+        return (_chunked_ranks(image_emb, text_emb, i2t_pos, chunk_size, max_elements),
+                _chunked_ranks(text_emb, image_emb, t2i_pos, chunk_size, max_elements))
+    # One score matrix for both directions, multiplied in large row chunks (GEMM efficiency) and read in
+    # cache-sized blocks. The t2i thresholds (each caption's score with its own image) come from the same
+    # matrix, so both directions see the very same scores.
+    scores = torch.empty(len(image_emb), len(text_emb), device=image_emb.device)
+    for r0 in range(0, len(image_emb), chunk_size):
+        torch.matmul(image_emb[r0:r0 + chunk_size], text_emb.T, out=scores[r0:r0 + chunk_size])
+    block = max(1, CACHE_BLOCK_ELEMENTS // max(1, len(text_emb)))
+    owner = t2i_pos[:, 0].to(scores.device)
+    best = scores[owner, torch.arange(len(text_emb), device=scores.device)]
+    i2t, above = [], torch.zeros(len(text_emb), dtype=torch.int32, device=scores.device)
+    for r0 in range(0, len(image_emb), block):
+        rows = scores[r0:r0 + block]
+        i2t.append(_ranks_given_scores(rows, i2t_pos[r0:r0 + block].to(rows.device)))
+        above += (rows >= best).sum(0, dtype=torch.int32)
+    t2i = above.long() - 1  # a caption's one positive, its image, is at or above its own score
+    return torch.cat(i2t).cpu().numpy().astype(np.int64), t2i.cpu().numpy().astype(np.int64)
 
 
-def positive_masks(owner: torch.Tensor):
-    """Returns (i2t, t2i) functions `(rows (c,), cols (G,) or (c, G)) -> (c, G) bool` telling which gallery
-    items are positives of each query, given `owner[j]` = image index of caption j."""
-    return (lambda rows, cols: owner[cols] == rows[:, None]), (lambda rows, cols: cols == owner[rows][:, None])
-
-
-def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positive_mask, k: int, rerank,
+def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: torch.Tensor, k: int, rerank,
                     chunk_size: int = 1024) -> np.ndarray:
     """Returns (Q,) ranks after two-stage retrieval: the top-`k` gallery items by dot product (ties broken
     by gallery index), rescored by `rerank(rows (c,), candidates (c, k)) -> (c, k)` scores, ranked as in
-    `retrieval_ranks` among the candidates. A query with no positive among its candidates gets rank `k`:
-    a miss for every R@K with K <= k, never a hit."""
+    `retrieval_ranks` among the candidates. `positives` (Q, P) as from `positive_index`. A query with no
+    positive among its candidates gets rank `k`: a miss for every R@K with K <= k, never a hit."""
     out = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
         scores = queries[rows].float() @ gallery.float().T
         candidates = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         rescored = rerank(rows, candidates)
-        pos = positive_mask(rows, candidates)
+        pos = (candidates[:, :, None] == positives[rows].to(candidates.device)[:, None, :]).any(-1)
         best = rescored.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
         ranks = ((rescored >= best) & ~pos).sum(1)
         out.append(torch.where(pos.any(1), ranks, torch.full_like(ranks, k)).cpu())

@@ -10,7 +10,7 @@ from torchmetrics.functional.retrieval import retrieval_average_precision, retri
 from pipeline.eval.metrics import (
     map_at_k,
     multi_hot,
-    positive_masks,
+    positive_index,
     recall_metrics,
     retrieval_ranks,
     two_stage_ranks,
@@ -82,6 +82,13 @@ def test_map_at_k_matches_torchmetrics(k):
     assert ours[f"P@{k}"] == pytest.approx(100 * float(precision.mean()), abs=1e-4)
 
 
+def test_positive_index_pads_uneven_caption_counts_and_names_an_image_without_captions():
+    i2t, t2i = positive_index(np.array([1, 0, 1, 2, 1]), 3)
+    assert i2t.tolist() == [[1, -1, -1], [0, 2, 4], [3, -1, -1]] and t2i[:, 0].tolist() == [1, 0, 1, 2, 1]
+    with pytest.raises(ValueError, match="query 1 has no positive"):
+        positive_index(np.array([0, 2]), 3)
+
+
 def test_multi_hot():
     matrix, vocab = multi_hot([["red", "circle"], [], ["blue"]])
     assert vocab == ["blue", "circle", "red"]
@@ -92,14 +99,14 @@ def test_two_stage_with_global_rerank_equals_one_stage_within_k_and_misses_stay_
     img, txt, owner = embeddings(40, 5, noise=2.0)
     o = torch.from_numpy(owner)
     one_stage_i2t, one_stage_t2i = retrieval_ranks(img, txt, owner)
-    i2t_mask, t2i_mask = positive_masks(o)
+    i2t_pos, t2i_pos = positive_index(owner, 40)
     k = 10
-    t2i = two_stage_ranks(txt, img, t2i_mask, k, lambda rows, cand: (txt[rows][:, None, :] * img[cand]).sum(-1))
+    t2i = two_stage_ranks(txt, img, t2i_pos, k, lambda rows, cand: (txt[rows][:, None, :] * img[cand]).sum(-1))
     within = one_stage_t2i < k
     assert np.array_equal(t2i[within], one_stage_t2i[within])
     assert (t2i[~within] == k).all() and (~within).any()  # outside the candidates: a miss, never a hit
     # a reranker that puts the true image first fixes every query whose image is a candidate, no more
-    oracle = two_stage_ranks(txt, img, t2i_mask, k, lambda rows, cand: (cand == o[rows][:, None]).float())
+    oracle = two_stage_ranks(txt, img, t2i_pos, k, lambda rows, cand: (cand == o[rows][:, None]).float())
     assert np.array_equal(oracle == 0, within)
-    i2t = two_stage_ranks(img, txt, i2t_mask, k, lambda rows, cand: (img[rows][:, None, :] * txt[cand]).sum(-1))
+    i2t = two_stage_ranks(img, txt, i2t_pos, k, lambda rows, cand: (img[rows][:, None, :] * txt[cand]).sum(-1))
     assert np.array_equal(i2t[one_stage_i2t < k], one_stage_i2t[one_stage_i2t < k])
