@@ -246,6 +246,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.momentum: must be in [0, 1), got {cfg.train.momentum}")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature: must be positive, got {cfg.train.temperature}")
+    from pipeline.eval.protocols import PROTOCOL_SIZES  # imports torch: only once the config parsed
+
+    if cfg.eval.protocol not in PROTOCOL_SIZES:
+        raise ConfigError(f"eval.protocol: expected one of {', '.join(PROTOCOL_SIZES)}, got {cfg.eval.protocol!r}")
+    if cfg.eval.map_k < 0:
+        raise ConfigError(f"eval.map_k: must be >= 0, got {cfg.eval.map_k}")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError(f"eval.ks: expected positive integers, got {cfg.eval.ks}")
 

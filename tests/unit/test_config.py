@@ -37,6 +37,8 @@ def test_overrides_parse_yaml_values_and_numbers_in_yaml11_form(tmp_path):
     ("train: {queue_size: 1000, batch_size: 512}", "train.queue_size: 1000 is not a multiple"),
     ("features: {precision: fp8}", "features.precision"),
     ("shard: {shard_size: 0}", "shard.shard_size: must be positive"),
+    ("eval: {protocol: coco-2k}", "eval.protocol: expected one of coco-1k, coco-5k, f30k-1k, generic"),
+    ("eval: {zero_shot: [{model: x, batchsize: 3}]}", "unknown config key eval.zero_shot[0].batchsize"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
@@ -50,6 +52,11 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_zero_shot_list_of_extractor_sections(tmp_path):
+    cfg = load_config(write(tmp_path, "eval: {zero_shot: [{extractor: hf, model: /m/clip}, {model: itr-vit-tiny-64}]}"))
+    assert [(f.extractor, f.model) for f in cfg.eval.zero_shot] == [("hf", "/m/clip"), ("open_clip", "itr-vit-tiny-64")]
 
 
 def test_flatten_gives_dotted_params():
