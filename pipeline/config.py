@@ -65,13 +65,16 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    temperature: float = 0.05
+    temperature: float = 0.05  # infonce
+    margin: float = 0.2  # vse
+    gather_with_grad: bool = False  # negatives from every worker's batch, gradients kept
     embed_dim: int = 256
     hidden_dim: int = 1024
     queue_size: int = 4096  # 0 disables the momentum queue
     momentum: float = 0.995
     num_workers: int = 2
     use_gpu: bool = False
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
     seed: int = 0
 
 

@@ -199,6 +199,15 @@ def method_inputs(split, method) -> dict[str, np.ndarray]:
     }
 
 
+def method_kwargs(cls, tc, **dims) -> dict:
+    """Returns the constructor arguments of method class `cls`: `dims` plus every train config field that
+    the constructor names (embed_dim, hidden_dim, temperature, margin, gather_with_grad, ...)."""
+    import inspect
+
+    names = inspect.signature(cls.__init__).parameters
+    return dims | {name: getattr(tc, name) for name in names if hasattr(tc, name)}
+
+
 def load_trained(path: Path):
     """Returns the trained method saved by the train stage in folder `path` (eval mode, CPU)."""
     from pipeline.methods import create_method
@@ -232,6 +241,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit
+
     def read(split: str) -> dict[str, np.ndarray]:
         return method_inputs(store.read_split(store_root, manifest, split, cls.image_inputs, cls.text_inputs), cls)
 
@@ -241,13 +251,12 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
         splits["val"] = read("val")
     except ValueError:
         log("train: no val split, training without per-epoch validation")
-    kwargs = {"image_dim": train_split["image"].shape[1], "text_dim": train_split["text"].shape[1],
-              "embed_dim": tc.embed_dim, "hidden_dim": tc.hidden_dim, "temperature": tc.temperature}
+    kwargs = method_kwargs(cls, tc, image_dim=train_split["image"].shape[1], text_dim=train_split["text"].shape[1])
     torch.manual_seed(tc.seed)
     method = create_method(tc.method, **kwargs)
     method.set_standardization(torch.from_numpy(train_split["image"]), torch.from_numpy(train_split["text"]))
     num_captions = len(train_split["caption_image"])
-    steps_per_epoch = (num_captions // tc.num_workers) // (tc.batch_size // tc.num_workers)
+    steps_per_epoch = num_captions // tc.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"train split has {num_captions} captions, fewer than one global batch ({tc.batch_size})")
     cpus_per_worker = max(1, cluster_cpus() // tc.num_workers) if not tc.use_gpu else 1
@@ -255,7 +264,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
                    input_name=f"{cfg.data.name}-features", input_source=str(features.path),
                    input_digest=input_digest) as run_id:
         t0 = time.perf_counter()
-        dataset = ray.data.range(num_captions, override_num_blocks=max(2, 2 * tc.num_workers)).materialize()
+        best = {"checkpoint_score_attribute": "val_rsum", "checkpoint_score_order": "max"} if "val" in splits else {}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -267,27 +276,29 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             run_config=ray.train.RunConfig(
                 name=f"train-{fp}", storage_path=str(cfg.workdir_path / "ray_results"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=2),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, **best),
+                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             ),
-            datasets={"train": dataset},
         )
         log(f"train: {tc.method} on {num_captions} captions, {tc.num_workers} workers x {steps_per_epoch} "
             f"steps x {tc.epochs} epochs")
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training run train-{fp} ended without a checkpoint ({result.error})")
-        with result.checkpoint.as_directory() as d:
+        chosen = result.get_best_checkpoint("val_rsum", "max") if best else result.checkpoint
+        with chosen.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         with atomic_dir(out) as tmp:
-            torch.save(state["model"], tmp / "model.pt")
-            atomic_write_json(tmp / "method.json", {"name": tc.method, "kwargs": kwargs})
+            torch.save(state["model"], tmp / "model.pt")  # the best epoch by validation RSUM, else the last
+            atomic_write_json(tmp / "method.json", {"name": tc.method, "kwargs": kwargs, "epoch": state["epoch"]})
             atomic_write_json(tmp / "final_metrics.json", result.metrics)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
         mlflow.log_artifacts(str(out), artifact_path="model")
-        log(f"train: done in {time.perf_counter() - t0:.1f} s, final val rsum "
+        mlflow.log_metric("best_epoch", state["epoch"])
+        log(f"train: done in {time.perf_counter() - t0:.1f} s, kept epoch {state['epoch']}, final val rsum "
             f"{result.metrics.get('val_rsum', float('nan')):.1f} -> {out}")
-        return _commit(out, "train", fp, run_id, {"method": tc.method, "checkpoint": result.checkpoint.path})
+        return _commit(out, "train", fp, run_id, {"method": tc.method, "checkpoint": chosen.path,
+                                                  "epoch": state["epoch"]})
 
 
 # ---------------------------------------------------------------- eval

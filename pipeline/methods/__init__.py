@@ -29,4 +29,4 @@ def create_method(name: str, **kwargs) -> nn.Module:
     return METHODS[name](**kwargs)
 
 
-from pipeline.methods import infonce  # noqa: E402,F401  (registers)
+from pipeline.methods import infonce, vse  # noqa: E402,F401  (registers)

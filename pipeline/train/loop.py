@@ -1,8 +1,9 @@
 """The per-worker training loop (Ray Train `TorchTrainer`), and the plain pieces it is made of.
 
-Features arrive once per worker through the object store (`features_ref`: zero-copy numpy); Ray Data's
-`get_dataset_shard("train")` gives each worker its share of the caption indices every epoch, shuffled
-per epoch with a seeded generator. Rank 0 writes checkpoints and MLflow metrics; every rank reports.
+Features arrive once per worker through the object store (`features_ref`: zero-copy numpy). Every epoch
+the caption rows are shuffled by (seed, epoch) and cut into global batches; each rank takes its slice of
+each (`epoch_batches`), so training does not depend on the worker count and resumes exactly. Rank 0
+writes checkpoints and MLflow metrics; every rank reports.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch
 from pipeline.eval.metrics import evaluate_embeddings
 from pipeline.features.precision import autocast, pick_device, resolve_precision
 from pipeline.methods import create_method
-from pipeline.methods.infonce import MomentumState
 from pipeline.tracking.runs import metric_names
-from pipeline.train.momentum import MomentumQueue, ema_update, momentum_copy
+from pipeline.train.distributed import all_gather_no_grad
+from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, momentum_copy
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -64,16 +65,20 @@ def validate(model: torch.nn.Module, split: dict, device: torch.device) -> dict[
     return {f"val_{k}": v for k, v in evaluate_embeddings(img, txt, split["caption_image"]).items()}
 
 
-def epoch_batches(rows: np.ndarray, local_batch: int, seed: int, epoch: int, rank: int) -> list[np.ndarray]:
-    """Returns this worker's epoch as full local batches of caption rows, shuffled by (seed, epoch, rank)."""
-    g = np.random.default_rng([seed, epoch, rank])
-    rows = rows[g.permutation(len(rows))]
-    return [rows[i:i + local_batch] for i in range(0, len(rows) - local_batch + 1, local_batch)]
+def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """Returns this worker's part of every full global batch of the epoch: the rows are shuffled by
+    (seed, epoch) alone, global batch b is rows [b*B, (b+1)*B) of that order, and rank r takes its r-th
+    slice of B / world rows. So the global batches, hence the training, do not depend on the number of
+    workers, and a run resumed at an epoch boundary sees exactly the batches it would have seen."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    local = global_batch // world
+    return [order[b + rank * local:b + (rank + 1) * local] for b in range(0, num_rows - global_batch + 1, global_batch)]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: method, method_kwargs, standardization (image, text mean/std inputs
-    as tensors), train (TrainConfig as dict), features_ref, mlflow_uri, mlflow_run_id, steps_per_epoch."""
+    """Ray Train entry point. `config`: method, method_kwargs, init_state (the method's initial state dict,
+    standardisation included), train (TrainConfig as dict), features_ref, threads_per_worker, mlflow_uri,
+    mlflow_run_id, steps_per_epoch."""
     import ray
     import ray.train
     import ray.train.torch
@@ -122,13 +127,10 @@ def train_loop_per_worker(config: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(config["mlflow_uri"])
-    local_batch = tc["batch_size"] // world
-    shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, tc["epochs"]):
         t0 = time.perf_counter()
-        rows = np.concatenate([b["id"] for b in shard.iter_batches(batch_size=8192, batch_format="numpy")])
         sums: dict[str, float] = {}
-        batches = epoch_batches(rows, local_batch, tc["seed"], epoch, rank)[: config["steps_per_epoch"]]
+        batches = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
         for caption_rows in batches:
             batch = make_batch(train_split, caption_rows, device)
             with autocast(precision, device):
@@ -153,7 +155,10 @@ def train_loop_per_worker(config: dict) -> None:
         if val_split is not None:
             metrics.update(validate(method, val_split, device))
         if momentum.image_queue is not None:
-            metrics["queue_checksum"] = momentum.image_queue.checksum() + momentum.text_queue.checksum()
+            checksum = momentum.image_queue.checksum() + momentum.text_queue.checksum()
+            every_rank = all_gather_no_grad(torch.tensor([checksum], dtype=torch.float64, device=device))
+            metrics["queue_checksum"] = checksum
+            metrics["queue_sync_error"] = float((every_rank - every_rank[0]).abs().max())  # 0: identical queues
         if client is not None:
             client.log_batch(config["mlflow_run_id"], metrics=[
                 Metric(k, v, int(time.time() * 1000), epoch) for k, v in metric_names(metrics).items()])

@@ -6,20 +6,12 @@ rank writes the same global batch at the same position and the queues stay ident
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Returns the concatenation over ranks (rank order) of `x` (B, ...) -> (world*B, ...); `x` alone when
-    not distributed. Every rank must pass the same shape."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x.detach()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts)
+from pipeline.train.distributed import all_gather_no_grad
 
 
 def momentum_copy(model: nn.Module) -> nn.Module:
@@ -73,3 +65,12 @@ class MomentumQueue(nn.Module):
     def checksum(self) -> float:
         """Returns a scalar fingerprint of the queue contents (equal on ranks that hold equal queues)."""
         return float(self.features.double().sum() + (self.ids.double() * 1e-3).sum() + self.ptr.double())
+
+
+@dataclass
+class MomentumState:
+    """The momentum twin of a method and its queues (None when queues are off)."""
+
+    model: nn.Module
+    image_queue: MomentumQueue | None = None
+    text_queue: MomentumQueue | None = None

@@ -7,9 +7,8 @@ import torch
 
 from pipeline.eval.metrics import evaluate_embeddings
 from pipeline.methods import METHODS, create_method
-from pipeline.methods.infonce import MomentumState
 from pipeline.train.loop import epoch_batches, make_batch, warmup_cosine
-from pipeline.train.momentum import MomentumQueue, momentum_copy
+from pipeline.train.momentum import MomentumQueue, MomentumState, momentum_copy
 
 
 def test_registry_and_unknown_name():
@@ -30,7 +29,8 @@ def test_standardisation_removes_a_shared_offset():
     assert head.score(out["image"], out["text"]).shape == (5, 5)
 
 
-def test_head_learns_a_noisy_pairing_with_queue():
+@pytest.mark.parametrize("name, extra", [("infonce", {"temperature": 0.1}), ("vse", {"margin": 0.2})])
+def test_head_learns_a_noisy_pairing_with_queue(name, extra):
     torch.manual_seed(0)
     n, per = 64, 2
     latent = torch.randn(n, 6)
@@ -38,7 +38,7 @@ def test_head_learns_a_noisy_pairing_with_queue():
              "text": (latent.repeat_interleave(per, 0) @ torch.randn(6, 12)
                       + 0.1 * torch.randn(n * per, 12)).numpy().astype(np.float16),
              "caption_image": np.repeat(np.arange(n), per)}
-    head = create_method("infonce", image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, temperature=0.1)
+    head = create_method(name, image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, **extra)
     head.set_standardization(torch.from_numpy(split["image"]).float(), torch.from_numpy(split["text"]).float())
     state = MomentumState(momentum_copy(head), MomentumQueue(64, 16), MomentumQueue(64, 16))
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
@@ -50,7 +50,7 @@ def test_head_learns_a_noisy_pairing_with_queue():
 
     before = metrics()["rsum"]
     for epoch in range(40):
-        for rows in epoch_batches(np.arange(n * per), 32, 0, epoch, 0):
+        for rows in epoch_batches(n * per, 32, 0, epoch, 0, 1):
             batch = make_batch(split, rows, torch.device("cpu"))
             parts = head.loss(head(batch), batch, state)
             opt.zero_grad()
@@ -65,12 +65,12 @@ def test_head_learns_a_noisy_pairing_with_queue():
     assert after["rsum"] > before + 150 and after["t2i_R@1"] > 60
 
 
-def test_epoch_batches_are_full_shuffled_and_seeded():
-    rows = np.arange(10)
-    a = epoch_batches(rows, 3, seed=1, epoch=0, rank=0)
-    assert len(a) == 3 and all(len(b) == 3 for b in a)
-    assert [b.tolist() for b in a] == [b.tolist() for b in epoch_batches(rows, 3, 1, 0, 0)]
-    assert [b.tolist() for b in a] != [b.tolist() for b in epoch_batches(rows, 3, 1, 1, 0)]
+def test_epoch_batches_do_not_depend_on_the_worker_count():
+    one = epoch_batches(10, 4, seed=1, epoch=0, rank=0, world=1)
+    two = [epoch_batches(10, 4, 1, 0, rank, 2) for rank in (0, 1)]
+    assert len(one) == 2 and all(len(b) == 4 for b in one)  # the last partial batch is dropped
+    assert [np.concatenate([two[0][i], two[1][i]]).tolist() for i in range(2)] == [b.tolist() for b in one]
+    assert [b.tolist() for b in one] != [b.tolist() for b in epoch_batches(10, 4, 1, 1, 0, 1)]
 
 
 def test_warmup_cosine_schedule():
