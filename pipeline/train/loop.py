@@ -75,6 +75,44 @@ def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank:
     return [order[b + rank * local:b + (rank + 1) * local] for b in range(0, num_rows - global_batch + 1, global_batch)]
 
 
+def new_training_state(method: torch.nn.Module, tc: dict, steps_per_epoch: int, device: torch.device):
+    """Returns (MomentumState with an EMA twin and, when `queue_size` > 0, the two queues, AdamW optimizer,
+    warmup-cosine LR scheduler) for a method already on `device`; `tc` is TrainConfig as a dict."""
+    momentum = MomentumState(momentum_copy(method))
+    if tc["queue_size"]:
+        momentum.image_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
+        momentum.text_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    total_steps = tc["epochs"] * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc["warmup_steps"], total_steps))
+    return momentum, optimizer, scheduler
+
+
+def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: MomentumState, optimizer, scheduler,
+               batch: dict, tc: dict, precision: str, device: torch.device) -> dict[str, float]:
+    """One optimisation step: forward through `model` (the DDP wrapper of `method`, or `method` itself),
+    the method's loss, clipped AdamW step, LR step, then the EMA update and the enqueue of the momentum
+    keys (all-gathered across workers). Returns the loss parts and `queue_gather_seconds` as floats."""
+    with autocast(precision, device):
+        out = model(batch)
+    parts = method.loss({k: v.float() for k, v in out.items()}, batch, momentum)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(method.parameters(), tc["grad_clip"])
+    optimizer.step()
+    scheduler.step()
+    result = {k: v.item() for k, v in parts.items()}
+    if momentum.image_queue is not None:
+        ema_update(momentum.model, method, tc["momentum"])
+        with torch.no_grad():
+            keys = momentum.model(batch)
+        t0 = time.perf_counter()
+        momentum.image_queue.enqueue(keys["image"], batch["ids"])
+        momentum.text_queue.enqueue(keys["text"], batch["ids"])
+        result["queue_gather_seconds"] = time.perf_counter() - t0
+    return result
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config`: method, method_kwargs, init_state (the method's initial state dict,
     standardisation included), train (TrainConfig as dict), features_ref, threads_per_worker, mlflow_uri,
@@ -97,14 +135,8 @@ def train_loop_per_worker(config: dict) -> None:
     method = create_method(config["method"], **config["method_kwargs"])
     method.load_state_dict(config["init_state"])  # standardization buffers + identical init on every rank
     method.to(device)
-    momentum = MomentumState(momentum_copy(method), None, None)
-    if tc["queue_size"]:
-        momentum.image_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
-        momentum.text_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
+    momentum, optimizer, scheduler = new_training_state(method, tc, config["steps_per_epoch"], device)
     model = ray.train.torch.prepare_model(method)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    total_steps = tc["epochs"] * config["steps_per_epoch"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc["warmup_steps"], total_steps))
     start_epoch, step = 0, 0
 
     checkpoint = ray.train.get_checkpoint()
@@ -132,25 +164,14 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         batches = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
         for caption_rows in batches:
-            batch = make_batch(train_split, caption_rows, device)
-            with autocast(precision, device):
-                out = model(batch)
-            parts = method.loss({k: v.float() for k, v in out.items()}, batch, momentum)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(method.parameters(), tc["grad_clip"])
-            optimizer.step()
-            scheduler.step()
+            parts = train_step(model, method, momentum, optimizer, scheduler,
+                               make_batch(train_split, caption_rows, device), tc, precision, device)
             step += 1
-            if momentum.image_queue is not None:
-                ema_update(momentum.model, method, tc["momentum"])
-                with torch.no_grad():
-                    keys = momentum.model(batch)
-                momentum.image_queue.enqueue(keys["image"], batch["ids"])
-                momentum.text_queue.enqueue(keys["text"], batch["ids"])
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+                sums[k] = sums.get(k, 0.0) + v
+        queue_seconds = sums.pop("queue_gather_seconds", 0.0)
         metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        metrics["queue_gather_seconds"] = queue_seconds
         metrics.update(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - t0)
         if val_split is not None:
             metrics.update(validate(method, val_split, device))

@@ -1,14 +1,16 @@
 """Method registry and the InfoNCE head: standardisation, shapes, loss, and a short fit on separable data."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.eval.metrics import evaluate_embeddings
 from pipeline.methods import METHODS, create_method
-from pipeline.train.loop import epoch_batches, make_batch, warmup_cosine
-from pipeline.train.momentum import MomentumQueue, MomentumState, momentum_copy
+from pipeline.train.loop import epoch_batches, make_batch, new_training_state, train_step, warmup_cosine
 
 
 def test_registry_and_unknown_name():
@@ -40,8 +42,10 @@ def test_head_learns_a_noisy_pairing_with_queue(name, extra):
              "caption_image": np.repeat(np.arange(n), per)}
     head = create_method(name, image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, **extra)
     head.set_standardization(torch.from_numpy(split["image"]).float(), torch.from_numpy(split["text"]).float())
-    state = MomentumState(momentum_copy(head), MomentumQueue(64, 16), MomentumQueue(64, 16))
-    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    tc = dataclasses.asdict(TrainConfig(epochs=40, batch_size=32, lr=3e-3, warmup_steps=4, queue_size=64, embed_dim=16))
+    cpu = torch.device("cpu")
+    state, opt, scheduler = new_training_state(head, tc, (n * per) // 32, cpu)
+
     def metrics():
         with torch.no_grad():
             return evaluate_embeddings(head.encode_image({"image": torch.from_numpy(split["image"])}),
@@ -51,17 +55,10 @@ def test_head_learns_a_noisy_pairing_with_queue(name, extra):
     before = metrics()["rsum"]
     for epoch in range(40):
         for rows in epoch_batches(n * per, 32, 0, epoch, 0, 1):
-            batch = make_batch(split, rows, torch.device("cpu"))
-            parts = head.loss(head(batch), batch, state)
-            opt.zero_grad()
-            parts["loss"].backward()
-            opt.step()
-            with torch.no_grad():
-                keys = state.model(batch)
-            state.image_queue.enqueue(keys["image"], batch["ids"])
-            state.text_queue.enqueue(keys["text"], batch["ids"])
+            parts = train_step(head, head, state, opt, scheduler, make_batch(split, rows, cpu), tc, "fp32", cpu)
     after = metrics()
-    assert set(parts) == {"loss", "loss_i2t", "loss_t2i"}
+    assert set(parts) == {"loss", "loss_i2t", "loss_t2i", "queue_gather_seconds"}
+    assert int(state.image_queue.ptr) == 0 and (state.image_queue.ids >= 0).all()  # filled, wrapped around
     assert after["rsum"] > before + 150 and after["t2i_R@1"] > 60
 
 
