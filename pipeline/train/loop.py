@@ -21,7 +21,7 @@ from pipeline.features.precision import autocast, pick_device, resolve_precision
 from pipeline.methods import create_method
 from pipeline.tracking.runs import metric_names
 from pipeline.train.distributed import all_gather_no_grad
-from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, momentum_copy
+from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, enqueue_together, momentum_copy
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -107,8 +107,7 @@ def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: Moment
         with torch.no_grad():
             keys = momentum.model(batch)
         t0 = time.perf_counter()
-        momentum.image_queue.enqueue(keys["image"], batch["ids"])
-        momentum.text_queue.enqueue(keys["text"], batch["ids"])
+        enqueue_together([momentum.image_queue, momentum.text_queue], [keys["image"], keys["text"]], batch["ids"])
         result["queue_gather_seconds"] = time.perf_counter() - t0
     return result
 

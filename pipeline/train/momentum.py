@@ -48,7 +48,11 @@ class MomentumQueue(nn.Module):
         """Gathers (B, dim) keys and (B,) ids from every rank and writes the global batch at the pointer.
 
         Raises ValueError when the global batch does not divide the queue size."""
-        keys, ids = all_gather_no_grad(keys), all_gather_no_grad(ids)
+        self.write(all_gather_no_grad(keys), all_gather_no_grad(ids))
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Writes an already gathered global batch (n, dim) keys and (n,) ids at the pointer."""
         n = len(keys)
         if self.size % n:
             raise ValueError(f"queue size {self.size} is not a multiple of the global batch {n}")
@@ -65,6 +69,24 @@ class MomentumQueue(nn.Module):
     def checksum(self) -> float:
         """Returns a scalar fingerprint of the queue contents (equal on ranks that hold equal queues)."""
         return float(self.features.double().sum() + (self.ids.double() * 1e-3).sum() + self.ptr.double())
+
+
+MAX_PACKED_ID = 1 << 24  # ids travel as float32 in `enqueue_together`: exact below 2**24
+
+
+@torch.no_grad()
+def enqueue_together(queues: list[MomentumQueue], keys: list[torch.Tensor], ids: torch.Tensor) -> None:
+    """Enqueues each (B, dim_q) key tensor into its queue, all sharing the (B,) ids, with ONE all-gather
+    (keys and ids packed side by side) instead of two per queue. Same result as `enqueue` on each queue."""
+    if len(ids) and int(ids.max()) >= MAX_PACKED_ID:
+        for queue, k in zip(queues, keys):
+            queue.enqueue(k, ids)
+        return
+    packed = all_gather_no_grad(torch.cat([k.float() for k in keys] + [ids[:, None].float()], 1))
+    widths = [k.shape[1] for k in keys]
+    parts = torch.split(packed, widths + [1], dim=1)
+    for queue, part in zip(queues, parts[:-1]):
+        queue.write(part, parts[-1][:, 0].round().long())
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.train.losses import multi_positive_nce, queue_infonce
-from pipeline.train.momentum import MomentumQueue, ema_update, momentum_copy
+from pipeline.train.momentum import MomentumQueue, ema_update, enqueue_together, momentum_copy
 
 STEPS, LOCAL_BATCH, DIM, SIZE = 5, 2, 3, 8
 
@@ -36,12 +36,14 @@ def test_batch_that_does_not_divide_the_queue_is_refused():
 
 def _worker(rank: int, init_file: str, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    q = MomentumQueue(SIZE, DIM)
+    q, packed_a, packed_b = MomentumQueue(SIZE, DIM), MomentumQueue(SIZE, DIM), MomentumQueue(SIZE, 2)
     for step in range(STEPS):
         keys, ids = global_batch(step)
         sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         q.enqueue(keys[sl], ids[sl])
-    out[rank] = (q.features.clone(), q.ids.clone(), int(q.ptr), q.checksum())
+        enqueue_together([packed_a, packed_b], [keys[sl], keys[sl, :2] * 2], ids[sl])
+    out[rank] = (q.features.clone(), q.ids.clone(), int(q.ptr), q.checksum(),
+                 packed_a.checksum(), packed_b.features.clone())
     dist.destroy_process_group()
 
 
@@ -52,9 +54,10 @@ def test_two_gloo_ranks_hold_identical_queues_equal_to_one_worker(tmp_path):
     for step in range(STEPS):
         single.enqueue(*global_batch(step))
     for rank in (0, 1):
-        feats, ids, ptr, checksum = out[rank]
+        feats, ids, ptr, checksum, packed_checksum, packed_b = out[rank]
         assert torch.equal(feats, single.features) and torch.equal(ids, single.ids) and ptr == int(single.ptr)
-        assert checksum == single.checksum()
+        assert checksum == single.checksum() == packed_checksum  # one packed all-gather, same queue
+        assert torch.equal(packed_b, single.features[:, :2] * 2)
 
 
 def test_ema_update_moves_towards_the_online_model():
