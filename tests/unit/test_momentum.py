@@ -34,7 +34,7 @@ def test_batch_that_does_not_divide_the_queue_is_refused():
         MomentumQueue(8, 2).enqueue(torch.zeros(3, 2), torch.zeros(3))
 
 
-def _worker(rank: int, init_file: str, out: dict) -> None:
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     q, packed_a, packed_b = MomentumQueue(SIZE, DIM), MomentumQueue(SIZE, DIM), MomentumQueue(SIZE, 2)
     for step in range(STEPS):
@@ -42,19 +42,19 @@ def _worker(rank: int, init_file: str, out: dict) -> None:
         sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         q.enqueue(keys[sl], ids[sl])
         enqueue_together([packed_a, packed_b], [keys[sl], keys[sl, :2] * 2], ids[sl])
-    out[rank] = (q.features.clone(), q.ids.clone(), int(q.ptr), q.checksum(),
-                 packed_a.checksum(), packed_b.features.clone())
+    torch.save((q.features.clone(), q.ids.clone(), int(q.ptr), q.checksum(), packed_a.checksum(),
+                packed_b.features.clone()), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_hold_identical_queues_equal_to_one_worker(tmp_path):
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    # results come back as files: no fork of this process (a Ray driver in the test session)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     single = MomentumQueue(SIZE, DIM)
     for step in range(STEPS):
         single.enqueue(*global_batch(step))
     for rank in (0, 1):
-        feats, ids, ptr, checksum, packed_checksum, packed_b = out[rank]
+        feats, ids, ptr, checksum, packed_checksum, packed_b = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(feats, single.features) and torch.equal(ids, single.ids) and ptr == int(single.ptr)
         assert checksum == single.checksum() == packed_checksum  # one packed all-gather, same queue
         assert torch.equal(packed_b, single.features[:, :2] * 2)
