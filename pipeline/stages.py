@@ -166,7 +166,7 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
                                        "run_id": run_id, "threads": threads},
                 batch_size=1,
                 compute=ActorPoolStrategy(min_size=1, max_size=actors),
-                num_cpus=min(threads, cpus) if gpus == 0 else 1,
+                num_cpus=threads if gpus == 0 else 1,
                 num_gpus=gpus,
             )
             for row in ds.iter_rows():  # commit each shard as soon as it is written

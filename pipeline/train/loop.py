@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
             momentum.text_queue.load_state_dict(state["text_queue"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
         start_epoch, step = state["epoch"] + 1, state["step"]
 
     client = None
