@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -13,15 +12,6 @@ def digest(obj: Any, length: int = 16) -> str:
     """Returns a hex sha256 prefix of `obj` serialised as canonical JSON."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Returns the full hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def frame_digest(df: pd.DataFrame, length: int = 16) -> str:

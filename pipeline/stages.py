@@ -229,6 +229,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     from pipeline.features import store
     from pipeline.methods import METHODS, create_method
     from pipeline.ray_runtime import cluster_cpus
+    from pipeline.train.loop import CODE_VERSION as TRAIN_CODE_VERSION
     from pipeline.train.loop import train_loop_per_worker
 
     tc = cfg.train
@@ -237,7 +238,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     cls = METHODS[tc.method]
     store_root, manifest = store.open_selection(features.path)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
-    fp = digest({"features": features.fingerprint, "train": to_dict(tc)})
+    fp = digest({"features": features.fingerprint, "train": to_dict(tc), "code": TRAIN_CODE_VERSION})
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit

@@ -23,6 +23,7 @@ from pipeline.tracking.runs import metric_names
 from pipeline.train.distributed import all_gather_no_grad
 from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, enqueue_together, momentum_copy
 
+CODE_VERSION = 1  # part of the train stage's fingerprint: bump when training results would change
 CHECKPOINT_FILE = "state.pt"
 
 
