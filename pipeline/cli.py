@@ -3,6 +3,7 @@
     itr run jobs/configs/demo.yaml                 every stage, cached ones reused
     itr extract jobs/configs/demo.yaml features.batch_size=128
     itr synth|shard|extract|train|eval CONFIG [key.sub=value ...]
+    itr eval --zero-shot CONFIG                    eval.zero_shot extractors, one table, no training
 
 `itr STAGE` runs that stage and whatever it needs upstream (reusing cached outputs), under one MLflow
 parent run. Exit status: 0 done, 1 the run failed, 2 bad configuration or input, 130 interrupted.
