@@ -20,6 +20,21 @@ MAX_SCORE_ELEMENTS = 1 << 28  # scores held at once: 256M floats = 1 GiB (COCO 5
 CACHE_BLOCK_ELEMENTS = 1 << 22  # scores read per block (16 MiB): stays in cache across the two reads
 
 
+def dot_scores(queries: torch.Tensor, gallery: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the (Q, G) float32 scores `queries @ gallery.T` (written into `out` when given).
+
+    On CPU the product goes through numpy's BLAS (OpenBLAS, tuned per CPU at run time) rather than torch's
+    MKL GEMM, which takes a slower path on AMD CPUs: 5,000 x 25,000 x 1,024 took 1.26 s against 2.26 s on a
+    2-core EPYC. The scores are the same dot products either way, to float32 rounding."""
+    queries, gallery = queries.detach().float(), gallery.detach().float()
+    if queries.device.type != "cpu":
+        return torch.matmul(queries, gallery.T, out=out)
+    if out is None:
+        out = torch.empty(len(queries), len(gallery))
+    np.matmul(queries.contiguous().numpy(), gallery.contiguous().numpy().T, out=out.numpy())
+    return out
+
+
 def positive_index(caption_image: np.ndarray | torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the positives of each query as gallery indices: i2t (N, P) = the captions of each image,
     padded with -1 to the largest caption count P, and t2i (M, 1) = the image of each caption.
@@ -60,15 +75,15 @@ def _chunked_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: torc
     for r0 in range(0, len(queries), chunk_size):
         q, pos = queries[r0:r0 + chunk_size], positives[r0:r0 + chunk_size].to(queries.device)
         if len(bounds) == 1:
-            out.append(_ranks_given_scores(q @ gallery.T, pos).cpu())
+            out.append(_ranks_given_scores(dot_scores(q, gallery), pos).cpu())
             continue
         pos_scores = torch.full(pos.shape, float("-inf"), device=queries.device)
         for c0, c1 in bounds:
-            scores = q @ gallery[c0:c1].T
+            scores = dot_scores(q, gallery[c0:c1])
             inside = (pos >= c0) & (pos < c1)
             pos_scores = torch.where(inside, scores.gather(1, (pos - c0).clamp(0, c1 - c0 - 1)), pos_scores)
         best = pos_scores.max(1, keepdim=True).values
-        count = sum((q @ gallery[c0:c1].T >= best).sum(1) for c0, c1 in bounds)
+        count = sum((dot_scores(q, gallery[c0:c1]) >= best).sum(1) for c0, c1 in bounds)
         out.append((count - (pos_scores >= best).sum(1)).cpu())
     return torch.cat(out).numpy().astype(np.int64)
 
@@ -90,7 +105,7 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ima
     # matrix, so both directions see the very same scores.
     scores = torch.empty(len(image_emb), len(text_emb), device=image_emb.device)
     for r0 in range(0, len(image_emb), chunk_size):
-        torch.matmul(image_emb[r0:r0 + chunk_size], text_emb.T, out=scores[r0:r0 + chunk_size])
+        dot_scores(image_emb[r0:r0 + chunk_size], text_emb, out=scores[r0:r0 + chunk_size])
     block = max(1, CACHE_BLOCK_ELEMENTS // max(1, len(text_emb)))
     owner = t2i_pos[:, 0].to(scores.device)
     best = scores[owner, torch.arange(len(text_emb), device=scores.device)]
@@ -112,7 +127,7 @@ def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: tor
     out = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
-        scores = queries[rows].float() @ gallery.float().T
+        scores = dot_scores(queries[rows], gallery)
         candidates = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         rescored = rerank(rows, candidates)
         pos = (candidates[:, :, None] == positives[rows].to(candidates.device)[:, None, :]).any(-1)
@@ -147,7 +162,7 @@ def map_at_k(queries: torch.Tensor, database: torch.Tensor, query_labels: np.nda
     ap_sum = p_sum = 0.0
     for start in range(0, len(queries), chunk_size):
         rows = slice(start, min(start + chunk_size, len(queries)))
-        scores = queries[rows].float() @ database.float().T
+        scores = dot_scores(queries[rows], database)
         top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         relevant = ((ql[rows] @ dl.T) > 0).gather(1, top).float()  # (c, k)
         hits = relevant.sum(1)
