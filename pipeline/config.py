@@ -42,6 +42,7 @@ class DataConfig:
 class ShardConfig:
     shard_size: int = 1000  # samples per tar
     jpeg_quality: int = 95  # used only when a source image is not already a JPEG
+    max_quarantined: float = 0.05  # the stage fails when more than this fraction of input items is quarantined
 
 
 @dataclass

@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.data.sample import Sample, check_key
+from pipeline.data.sample import Rejected, Sample, check_key
 
 SPLIT_ALIASES = {"restval": "train"}
 
 
-def read_karpathy(json_path: str | Path, image_root: str | Path, key_prefix: str) -> list[Sample]:
-    """Returns one `Sample` per image entry, keyed `{key_prefix}-{cocoid or imgid}`, image = file path.
+def read_karpathy(json_path: str | Path, image_root: str | Path,
+                  key_prefix: str) -> tuple[list[Sample], list[Rejected]]:
+    """Returns (one `Sample` per well-formed image entry, keyed `{key_prefix}-{cocoid or imgid}`, image = file
+    path; one `Rejected` per malformed entry: a missing field, no caption, an empty caption, an unsafe key).
 
-    Raises ValueError naming the entry for a malformed one (missing field, no caption).
+    Raises FileNotFoundError or ValueError when the file itself is missing or is not a Karpathy split file.
     """
     json_path, image_root = Path(json_path), Path(image_root)
     if not json_path.is_file():
@@ -25,24 +27,31 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, key_prefix: str
         entries = json.loads(json_path.read_text(encoding="utf-8"))["images"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{json_path}: not a Karpathy split file ({err})") from err
-    samples = []
+    samples, rejected = [], []
     for n, entry in enumerate(entries):
+        item = f"{json_path.name}#{n}"
         try:
             ident = entry.get("cocoid", entry["imgid"])
             captions = [s["raw"].strip() for s in entry["sentences"]]
             rel = Path(entry.get("filepath", "")) / entry["filename"]
             split = SPLIT_ALIASES.get(entry["split"], entry["split"])
+            key = check_key(f"{key_prefix}-{ident}")
         except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{json_path}: image entry #{n} is malformed (missing {err})") from err
+            rejected.append(Rejected(item, f"malformed image entry (missing or wrong {err})"))
+            continue
+        except ValueError as err:
+            rejected.append(Rejected(item, str(err)))
+            continue
         if not captions or not all(captions):
-            raise ValueError(f"{json_path}: image entry #{n} ({rel}) has an empty caption list or caption")
+            rejected.append(Rejected(key, f"{item} ({rel}) has no caption or an empty caption"))
+            continue
         samples.append(
             Sample(
-                key=check_key(f"{key_prefix}-{ident}"),
+                key=key,
                 image=str(image_root / rel),
                 captions=captions,
                 split=split,
                 meta={"imgid": entry.get("imgid"), "filename": entry["filename"], "source_id": ident},
             )
         )
-    return samples
+    return samples, rejected

@@ -19,6 +19,15 @@ class Sample:
     meta: dict = field(default_factory=dict)  # source ids (imgid, cocoid, filename, ...)
 
 
+@dataclass
+class Rejected:
+    """An input item that did not become a sample: `item` names it (a sample key, or file#entry), `reason`
+    says why. Rejected items go to the shard stage's quarantine table instead of stopping the run."""
+
+    item: str
+    reason: str
+
+
 def check_key(key: str) -> str:
     """Returns `key` if it is a safe WebDataset key (no '.', '/', '..'); raises ValueError otherwise."""
     if not KEY_PATTERN.match(key):

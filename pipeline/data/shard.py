@@ -1,9 +1,15 @@
-"""Shard stage core: samples -> deterministic WebDataset tars + `manifest.parquet`.
+"""Shard stage core: samples -> deterministic, append-only WebDataset tars in one folder per dataset.
 
 Each tar holds, per sample in key order, `KEY.jpg` (the image), `KEY.json` (all captions, labels, ids,
 split) and `KEY.txt` (the first caption, for open_clip's webdataset loader). Members carry fixed metadata
 (mtime 0, uid/gid 0, no user names, mode 0644), so the same samples give byte-identical tars.
-Shard names are `{split}/shard-{n:06d}.tar` over the samples of a split sorted by key.
+
+The folder is append-only. `manifest.parquet` (one row per tar) is the commit record: a tar counts only
+once its row is there, and a run first deletes any tar that is not (what a killed run left). A run shards
+only the samples whose key no committed shard holds, into new tars numbered after the split's last one
+(`{split}/shard-{n:06d}.tar`, new samples sorted by key); committed tars are never rewritten. Per sample,
+`samples.parquet` records its shard and content digests (image stat and sha256, text sha256), and
+`quarantine.parquet` lists the items the latest run could not shard, with the reason.
 """
 from __future__ import annotations
 
@@ -11,18 +17,28 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.data.sample import Sample, check_key
+from pipeline.data.sample import Rejected, Sample, check_key
 from pipeline.io import atomic_write_parquet
 
-CODE_VERSION = 1
+CODE_VERSION = 2
+MANIFEST = "manifest.parquet"
+INDEX = "samples.parquet"
+QUARANTINE = "quarantine.parquet"
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/shard-(?P<n>\d{6})\.tar$")
+MANIFEST_COLUMNS = ["shard", "split", "num_samples", "num_captions", "bytes", "sha256", "first_key", "last_key",
+                    "run_id"]
+INDEX_COLUMNS = ["key", "split", "shard", "image_stat", "image_sha", "text_sha"]
+QUARANTINE_COLUMNS = ["item", "reason", "image_stat", "text_sha"]
 
 
 @dataclass
@@ -34,51 +50,145 @@ class ShardPlan:
     samples: list[Sample]
 
 
-def check_splits(samples: list[Sample], required: list[str]) -> None:
-    """Raises ValueError naming the first split in `required` that has no sample."""
-    present = {s.split for s in samples}
+@dataclass
+class Increment:
+    """What a run has to do: `plans` for the new samples, the input items it `rejected` before writing
+    (duplicate keys, missing images, samples changed since they were sharded, items quarantined earlier
+    and unchanged since), the number of samples already sharded, and the keys of sharded samples that
+    are no longer in the source (they stay in their shards)."""
+
+    plans: list[ShardPlan]
+    rejected: list[Rejected] = field(default_factory=list)
+    unchanged: int = 0
+    gone: list[str] = field(default_factory=list)
+
+
+def check_splits(splits: set[str], required: list[str]) -> None:
+    """Raises ValueError naming the first split in `required` that is not in `splits`."""
     for split in required:
-        if split not in present:
-            raise ValueError(f"split {split!r} is empty (the dataset has: {', '.join(sorted(present)) or 'nothing'})")
+        if split not in splits:
+            raise ValueError(f"split {split!r} is empty (the dataset has: {', '.join(sorted(splits)) or 'nothing'})")
+
+
+def text_sha(sample: Sample) -> str:
+    """Returns a sha256 prefix of the sample's captions and labels."""
+    text = "\n".join(sample.captions) + "\x00" + ",".join(sample.labels)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def image_stat(sample: Sample) -> str:
+    """Returns a cheap change marker of the sample's image: `size:mtime_ns` of its file, or a sha256 prefix
+    of in-memory bytes. Raises OSError when the file is missing."""
+    if isinstance(sample.image, bytes):
+        return hashlib.sha256(sample.image).hexdigest()[:16]
+    st = os.stat(sample.image)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def source_manifest(samples: list[Sample]) -> tuple[pd.DataFrame, list[Rejected]]:
+    """Returns (one row per sample with a readable image: key, split, image, image_stat, num_captions,
+    text_sha, in key order; a `Rejected` per sample whose image file is missing). The table is the shard
+    stage's logged input."""
+    rows, rejected = [], []
+    for s in samples:
+        try:
+            stat = image_stat(s)
+        except OSError as err:
+            rejected.append(Rejected(s.key, f"image file missing or unreadable: {s.image} ({err.strerror})"))
+            continue
+        rows.append({"key": s.key, "split": s.split, "image": s.image if isinstance(s.image, str) else "<bytes>",
+                     "image_stat": stat, "num_captions": len(s.captions), "text_sha": text_sha(s)})
+    frame = pd.DataFrame(rows, columns=["key", "split", "image", "image_stat", "num_captions", "text_sha"])
+    return frame.sort_values("key", kind="stable").reset_index(drop=True), rejected
+
+
+def _file_sha(sample: Sample) -> str:
+    data = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def plan_increment(samples: list[Sample], inputs: pd.DataFrame, index: pd.DataFrame, manifest: pd.DataFrame,
+                   quarantine: pd.DataFrame, shard_size: int) -> Increment:
+    """Returns the `Increment` for `samples` (those listed in `inputs`, from `source_manifest`) against the
+    committed `index` and `manifest` and the previous `quarantine`.
+
+    A key seen twice keeps its first occurrence; the others are rejected. A committed sample whose image
+    stat differs is re-hashed: only a real content change rejects it (shards are append-only)."""
+    by_key = {row.key: row for row in inputs.itertuples(index=False)}
+    committed = {row.key: row for row in index.itertuples(index=False)}
+    held = {row.item: row for row in quarantine.itertuples(index=False)} if len(quarantine) else {}
+    seen: dict[str, int] = {}
+    new: dict[str, list[Sample]] = {}
+    inc = Increment(plans=[])
+    for position, s in enumerate(samples):
+        if s.key not in by_key:
+            continue  # its image is missing: rejected by source_manifest
+        try:
+            check_key(s.key)
+        except ValueError as err:
+            inc.rejected.append(Rejected(s.key, str(err)))
+            continue
+        if s.key in seen:
+            inc.rejected.append(Rejected(s.key, f"duplicate key (input item {position}; first seen as item "
+                                                f"{seen[s.key]}, which is kept)"))
+            continue
+        seen[s.key] = position
+        row = by_key[s.key]
+        if (old := committed.get(s.key)) is not None:
+            same_text = old.text_sha == row.text_sha and old.split == row.split
+            if same_text and (old.image_stat == row.image_stat or _file_sha(s) == old.image_sha):
+                inc.unchanged += 1
+            else:
+                inc.rejected.append(Rejected(s.key, f"changed since it was sharded into {old.shard}: shards are "
+                                                    "append-only (shard into a new data.name to take the change)"))
+            continue
+        if (q := held.get(s.key)) is not None and q.image_stat == row.image_stat and q.text_sha == row.text_sha:
+            inc.rejected.append(Rejected(s.key, q.reason))  # unchanged since it was quarantined: not retried
+            continue
+        new.setdefault(s.split, []).append(s)
+    inc.gone = sorted(set(committed) - set(seen))
+    next_number = Counter()
+    for name in manifest["shard"] if len(manifest) else []:
+        m = SHARD_NAME.match(name)
+        next_number[m["split"]] = max(next_number[m["split"]], int(m["n"]) + 1)
+    for split in sorted(new):
+        ordered = sorted(new[split], key=lambda s: s.key)
+        for i, start in enumerate(range(0, len(ordered), shard_size)):
+            name = f"{split}/shard-{next_number[split] + i:06d}.tar"
+            inc.plans.append(ShardPlan(name, split, ordered[start:start + shard_size]))
+    return inc
 
 
 def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardPlan]:
-    """Returns the shard plans: each split's samples sorted by key, cut every `shard_size` samples.
-
-    Raises ValueError on a duplicate key."""
-    seen: set[str] = set()
-    by_split: dict[str, list[Sample]] = {}
-    for s in samples:
-        check_key(s.key)
-        if s.key in seen:
-            raise ValueError(f"duplicate sample key {s.key!r}")
-        seen.add(s.key)
-        by_split.setdefault(s.split, []).append(s)
-    plans = []
-    for split in sorted(by_split):
-        ordered = sorted(by_split[split], key=lambda s: s.key)
-        for n, start in enumerate(range(0, len(ordered), shard_size)):
-            plans.append(ShardPlan(f"{split}/shard-{n:06d}.tar", split, ordered[start:start + shard_size]))
-    return plans
+    """Returns the shard plans of a fresh folder: each split's samples sorted by key, cut every `shard_size`.
+    Raises ValueError on a duplicate or unsafe key."""
+    inputs, missing = source_manifest(samples)
+    empty = pd.DataFrame(columns=INDEX_COLUMNS)
+    inc = plan_increment(samples, inputs, empty, pd.DataFrame(columns=MANIFEST_COLUMNS),
+                         pd.DataFrame(columns=QUARANTINE_COLUMNS), shard_size)
+    if bad := missing + inc.rejected:
+        raise ValueError(f"sample {bad[0].item}: {bad[0].reason}")
+    return inc.plans
 
 
-def image_jpeg_bytes(sample: Sample, quality: int) -> bytes:
-    """Returns the sample's image as JPEG bytes: a JPEG file as it is, anything else re-encoded.
-
-    Raises ValueError naming the sample when the image is missing or cannot be decoded."""
+def image_jpeg_bytes(sample: Sample, quality: int) -> tuple[bytes, str]:
+    """Returns (the sample's image as JPEG bytes: a JPEG file as it is, anything else re-encoded; sha256 of
+    the source image bytes). Raises ValueError naming the sample when the image is missing or cannot be
+    decoded (a truncated file included: the image is decoded fully)."""
     try:
         data = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
     except OSError as err:
         raise ValueError(f"sample {sample.key}: cannot read image {sample.image}: {err.strerror}") from err
+    sha = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
-            im.load()  # decodes fully: catches truncated files
+            im.load()
             if fmt == "JPEG":
-                return data
+                return data, sha
             out = io.BytesIO()
             im.convert("RGB").save(out, format="JPEG", quality=quality)
-            return out.getvalue()
+            return out.getvalue(), sha
     except Exception as err:  # PIL raises many types for corrupt data
         raise ValueError(f"sample {sample.key}: image is not decodable ({err})") from err
 
@@ -90,6 +200,19 @@ def sample_json(sample: Sample) -> bytes:
     return json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
+def sample_members(sample: Sample, jpeg_quality: int) -> tuple[list[tuple[str, bytes]], str]:
+    """Returns ([(member name, bytes)] of one sample: jpg, json, txt; sha256 of its source image).
+    Raises ValueError naming the sample and the problem (unreadable image, empty or non-UTF-8 caption)."""
+    if not sample.captions or not all(isinstance(c, str) and c.strip() for c in sample.captions):
+        raise ValueError(f"sample {sample.key}: empty caption")
+    try:
+        text, first = sample_json(sample), sample.captions[0].encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"sample {sample.key}: caption is not valid UTF-8 ({err.reason})") from err
+    jpg, sha = image_jpeg_bytes(sample, jpeg_quality)
+    return [(f"{sample.key}.jpg", jpg), (f"{sample.key}.json", text), (f"{sample.key}.txt", first)], sha
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -99,33 +222,37 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(plan: ShardPlan, out_dir: str | Path, jpeg_quality: int = 95) -> dict:
-    """Writes one tar atomically under `out_dir`; returns its manifest row
-    (shard, split, num_samples, num_captions, bytes, sha256, first_key, last_key)."""
+    """Writes one tar atomically under `out_dir` with every sample of `plan` that can be written; returns
+    {"row": its manifest row (shard, split, num_samples, num_captions, bytes, sha256, first_key, last_key)
+    or None when no sample could be written, "samples": [{key, image_sha}] written, "rejected": [{item,
+    reason}] for the samples left out}."""
+    written, rejected, members = [], [], []
+    for s in plan.samples:
+        try:
+            sample_files, sha = sample_members(s, jpeg_quality)
+        except ValueError as err:
+            rejected.append({"item": s.key, "reason": str(err).removeprefix(f"sample {s.key}: ")})
+            continue
+        members += sample_files
+        written.append({"key": s.key, "image_sha": sha, "num_captions": len(s.captions)})
+    if not written:
+        return {"row": None, "samples": [], "rejected": rejected}
     path = Path(out_dir) / plan.name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in plan.samples:
-                if not s.captions or not all(c.strip() for c in s.captions):
-                    raise ValueError(f"sample {s.key}: empty caption")
-                _add(tar, f"{s.key}.jpg", image_jpeg_bytes(s, jpeg_quality))
-                _add(tar, f"{s.key}.json", sample_json(s))
-                _add(tar, f"{s.key}.txt", s.captions[0].encode("utf-8"))
+            for name, data in members:
+                _add(tar, name, data)
         data = tmp.read_bytes()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {
-        "shard": plan.name,
-        "split": plan.split,
-        "num_samples": len(plan.samples),
-        "num_captions": sum(len(s.captions) for s in plan.samples),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "first_key": plan.samples[0].key,
-        "last_key": plan.samples[-1].key,
-    }
+    row = {"shard": plan.name, "split": plan.split, "num_samples": len(written),
+           "num_captions": sum(w["num_captions"] for w in written), "bytes": len(data),
+           "sha256": hashlib.sha256(data).hexdigest(), "first_key": written[0]["key"], "last_key": written[-1]["key"]}
+    return {"row": row, "samples": [{"key": w["key"], "image_sha": w["image_sha"]} for w in written],
+            "rejected": rejected}
 
 
 def read_shard(path: str | Path) -> list[dict]:
@@ -140,34 +267,70 @@ def read_shard(path: str | Path) -> list[dict]:
     return list(samples.values())
 
 
-def source_manifest(samples: list[Sample]) -> pd.DataFrame:
-    """Returns one row per sample (key, split, image, num_captions, captions_sha) in key order: the
-    shard stage's input, logged to MLflow and hashed into its fingerprint together with image stats."""
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=columns)
+
+
+def read_committed(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Returns (manifest, sample index restricted to committed shards, quarantine) of a shard folder; empty
+    frames with the right columns for a new folder."""
+    out_dir = Path(out_dir)
+    manifest = _read_table(out_dir / MANIFEST, MANIFEST_COLUMNS)
+    index = _read_table(out_dir / INDEX, INDEX_COLUMNS)
+    index = index[index["shard"].isin(set(manifest["shard"]))].reset_index(drop=True)
+    return manifest, index, _read_table(out_dir / QUARANTINE, QUARANTINE_COLUMNS)
+
+
+def remove_uncommitted(out_dir: str | Path, manifest: pd.DataFrame) -> list[str]:
+    """Deletes the tars and temporary files under `out_dir` that `manifest` does not list (left by a killed
+    or failed run); returns their relative names."""
+    out_dir = Path(out_dir)
+    listed = set(manifest["shard"])
+    removed = []
+    for path in sorted(out_dir.glob("*/*")):
+        name = path.relative_to(out_dir).as_posix()
+        if path.is_file() and (path.name.startswith(".") or (path.suffix == ".tar" and name not in listed)):
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def write_quarantine(out_dir: str | Path, rejected: list[Rejected], inputs: pd.DataFrame) -> pd.DataFrame:
+    """Writes `quarantine.parquet` (item, reason, and for sample items their image_stat and text_sha, so an
+    unchanged item is not retried) atomically; returns it."""
+    digests = inputs.set_index("key")[["image_stat", "text_sha"]] if len(inputs) else None
     rows = []
-    for s in sorted(samples, key=lambda s: s.key):
-        if isinstance(s.image, bytes):
-            image, stat = "<bytes>", hashlib.sha256(s.image).hexdigest()[:16]
-        else:
-            try:
-                st = os.stat(s.image)
-            except OSError as err:
-                raise ValueError(f"sample {s.key}: image file missing: {s.image}") from err
-            image, stat = s.image, f"{st.st_size}:{st.st_mtime_ns}"
-        text = "\n".join(s.captions) + "\x00" + ",".join(s.labels)
-        rows.append({"key": s.key, "split": s.split, "image": image, "image_stat": stat,
-                     "num_captions": len(s.captions),
-                     "text_sha": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]})
-    return pd.DataFrame(rows)
+    for r in sorted(rejected, key=lambda r: (r.item, r.reason)):
+        known = digests is not None and r.item in digests.index
+        rows.append({"item": r.item, "reason": r.reason,
+                     "image_stat": str(digests.at[r.item, "image_stat"]) if known else "",
+                     "text_sha": str(digests.at[r.item, "text_sha"]) if known else ""})
+    table = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+    atomic_write_parquet(Path(out_dir) / QUARANTINE, pa.Table.from_pandas(table, preserve_index=False))
+    return table
 
 
-MANIFEST = "manifest.parquet"
-
-
-def write_manifest(out_dir: str | Path, rows: list[dict], source_fingerprint: str) -> pd.DataFrame:
-    """Writes `manifest.parquet` (one row per tar, sorted by split and shard) atomically; returns it."""
-    manifest = pd.DataFrame(rows).sort_values(["split", "shard"]).reset_index(drop=True)
-    manifest["source_fingerprint"] = source_fingerprint
-    atomic_write_parquet(Path(out_dir) / MANIFEST, pa.Table.from_pandas(manifest, preserve_index=False))
+def commit(out_dir: str | Path, manifest: pd.DataFrame, index: pd.DataFrame, results: list[dict],
+           inputs: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """Adds the written tars of `results` (from `write_shard`) to the sample index, then to the manifest
+    (the commit record, written last, atomically); returns the new manifest, sorted by split and shard."""
+    digests = inputs.set_index("key")
+    new_rows, new_index = [], []
+    for result in results:
+        if result["row"] is None:
+            continue
+        new_rows.append({**result["row"], "run_id": run_id})
+        for s in result["samples"]:
+            d = digests.loc[s["key"]]
+            new_index.append({"key": s["key"], "split": d["split"], "shard": result["row"]["shard"],
+                              "image_stat": d["image_stat"], "image_sha": s["image_sha"], "text_sha": d["text_sha"]})
+    out_dir = Path(out_dir)
+    frames = [f for f in (index, pd.DataFrame(new_index, columns=INDEX_COLUMNS)) if len(f)]
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
+    atomic_write_parquet(out_dir / INDEX, pa.Table.from_pandas(index.sort_values("key"), preserve_index=False))
+    frames = [f for f in (manifest, pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS)) if len(f)]
+    manifest = pd.concat(frames, ignore_index=True).sort_values(["split", "shard"]).reset_index(drop=True)
+    atomic_write_parquet(out_dir / MANIFEST, pa.Table.from_pandas(manifest, preserve_index=False))
     return manifest
 
 

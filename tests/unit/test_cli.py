@@ -53,10 +53,11 @@ def test_empty_split_is_named(tmp_path):
     (root / "dataset_coco.json").write_text(json.dumps({"images": [
         {"filepath": "val2014", "filename": "a.jpg", "cocoid": 1, "imgid": 0, "split": "train",
          "sentences": [{"raw": "a cat"}]}]}))
-    samples = load_samples("coco", root, "coco")
-    check_splits(samples, ["train"])
+    samples, rejected = load_samples("coco", root, "coco")
+    assert not rejected
+    check_splits({s.split for s in samples}, ["train"])
     with pytest.raises(ValueError, match="split 'test' is empty"):
-        check_splits(samples, ["train", "test"])
+        check_splits({s.split for s in samples}, ["train", "test"])
 
 
 def _write(tmp_path, text: str) -> str:

@@ -54,7 +54,7 @@ def test_unknown_model_and_extractor_names():
 
 
 def test_extract_shard_writes_store_and_reader_returns_views(tmp_path, synth_root, extractor):
-    samples = [s for s in load_samples("synthetic", synth_root, "synthetic") if s.split == "test"]
+    samples = [s for s in load_samples("synthetic", synth_root, "synthetic")[0] if s.split == "test"]
     plans = plan_shards(samples, 40)
     rows = []
     for plan in plans:

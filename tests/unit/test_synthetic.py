@@ -105,8 +105,8 @@ def test_label_files_aligned_and_match_captions(dataset):
 
 def test_load_samples_reads_captions_and_labels(dataset):
     root, _ = dataset
-    samples = synthetic.load_samples(root, "synthetic")
-    assert len(samples) == 45 and samples[0].key == "synthetic-0"
+    samples, rejected = synthetic.load_samples(root, "synthetic")
+    assert len(samples) == 45 and not rejected and samples[0].key == "synthetic-0"
     assert all(len(s.captions) == 5 and s.labels and Path(s.image).is_file() for s in samples)
 
 

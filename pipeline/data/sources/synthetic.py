@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.data.karpathy import read_karpathy
-from pipeline.data.sample import Sample
+from pipeline.data.sample import Rejected, Sample
 from pipeline.data.sources.nuswide import read_concept_labels
 from pipeline.io import atomic_dir
 
@@ -533,12 +533,12 @@ def read_ceiling(root: str | Path) -> dict:
     return json.loads((Path(root) / "ceiling.json").read_text(encoding="utf-8"))
 
 
-def load_samples(root: str | Path, name: str) -> list[Sample]:
-    """Returns one `Sample` per generated image (key `{name}-{imgid}`, image = file path), with its
-    5 captions and its concept labels."""
+def load_samples(root: str | Path, name: str) -> tuple[list[Sample], list[Rejected]]:
+    """Returns (one `Sample` per generated image (key `{name}-{imgid}`, image = file path) with its 5 captions
+    and its concept labels, the rejected entries of the split file)."""
     root = Path(root)
-    samples = read_karpathy(root / KARPATHY_FILE, root, key_prefix=name)
+    samples, rejected = read_karpathy(root / KARPATHY_FILE, root, key_prefix=name)
     labels = read_concept_labels(root)
     for sample in samples:
         sample.labels = labels[sample.meta["filename"]]
-    return samples
+    return samples, rejected
