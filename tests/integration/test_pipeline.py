@@ -92,8 +92,9 @@ def run_lineage_notebook(tracker, monkeypatch) -> dict:
     return {"lineage": eval(code[2].strip(), scope)}  # noqa: S307
 
 
-def test_grown_store_extracts_only_new_shards(ray_cluster, tracker, tmp_path):
-    """A second dataset size reuses the extractor folder: only shards whose bytes changed are recomputed."""
+def test_grown_dataset_shards_and_extracts_only_new_samples(ray_cluster, tracker, tmp_path):
+    """A grown dataset (100 more test images, all files rewritten by synth): the old tars stay as they are,
+    the new samples go into one new shard, and only that shard is extracted."""
     from tests.conftest import TINY_OVERRIDES
 
     base = TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}"]
@@ -101,10 +102,16 @@ def test_grown_store_extracts_only_new_shards(ray_cluster, tracker, tmp_path):
     bigger = run_stages(load_config(None, base + ["data.synth.num_test=160"]), tracker, "extract")
     store_dir, manifest = store.open_selection(bigger["extract"].path)
     assert store_dir == store.open_selection(first["extract"].path)[0]  # same extractor, same store
+    shards = read_manifest(bigger["shard"].path)
+    assert bigger["shard"].path == first["shard"].path and bigger["shard"].run_id != first["shard"].run_id
+    assert shards.groupby("run_id")["shard"].apply(list).to_dict() == {
+        first["shard"].run_id: ["test/shard-000000.tar", "train/shard-000000.tar", "train/shard-000001.tar",
+                                "train/shard-000002.tar", "val/shard-000000.tar"],
+        bigger["shard"].run_id: ["test/shard-000001.tar"]}
     runs = manifest.groupby("run_id").size().to_dict()
-    assert runs == {first["extract"].run_id: 4, bigger["extract"].run_id: 2}  # train x3 + val reused
+    assert runs == {first["extract"].run_id: 5, bigger["extract"].run_id: 1}  # only the new shard extracted
     assert len(manifest) == 6 and pd.Series(manifest["shard"]).is_unique
-    assert len(store.read_manifest(store_dir)) == 7  # the first test shard's features stay for the old input
+    assert len(store.read_manifest(store_dir)) == 6
     assert len(store.read_split(store_dir, manifest, "test").keys) == 160
 
 

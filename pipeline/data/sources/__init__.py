@@ -1,15 +1,21 @@
-"""Dataset sources by name. Each module exposes `load_samples(root, name) -> list[Sample]`."""
+"""Dataset sources by name. Each entry names a module exposing `load_samples(root, name) -> (list[Sample],
+list[Rejected])`, or `module:function` for another function of that signature. It returns the well-formed
+samples and, for each input item that cannot become one (a malformed entry, an empty or undecodable caption,
+an unsafe key), a `Rejected` record. Only a problem with the dataset as a whole (a missing or unreadable
+annotation file) raises."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
-from pipeline.data.sample import Sample
+from pipeline.data.sample import Rejected, Sample
 
 SOURCES = {
     "synthetic": "pipeline.data.sources.synthetic",
     "coco": "pipeline.data.sources.coco",
     "flickr30k": "pipeline.data.sources.flickr30k",
+    "nuswide": "pipeline.data.sources.nuswide",
+    "nuswide10k": "pipeline.data.sources.nuswide:load_nuswide10k",
 }
 
 
@@ -21,7 +27,8 @@ def check_source(source: str, root: str | Path) -> None:
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
 
 
-def load_samples(source: str, root: str | Path, name: str) -> list[Sample]:
-    """Returns every sample of dataset `name` read by source `source` from folder `root`."""
+def load_samples(source: str, root: str | Path, name: str) -> tuple[list[Sample], list[Rejected]]:
+    """Returns (every sample, every rejected item) of dataset `name` read by source `source` from `root`."""
     check_source(source, root)
-    return importlib.import_module(SOURCES[source]).load_samples(Path(root), name)
+    module, _, function = SOURCES[source].partition(":")
+    return getattr(importlib.import_module(module), function or "load_samples")(Path(root), name)
