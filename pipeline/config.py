@@ -43,6 +43,7 @@ class ShardConfig:
     shard_size: int = 1000  # samples per tar
     jpeg_quality: int = 95  # used only when a source image is not already a JPEG
     max_quarantined: float = 0.05  # the stage fails when more than this fraction of input items is quarantined
+    output: Optional[str] = None  # parent of the shard folders: a path or URI (s3://bucket/x); default <workdir>/shards
 
 
 @dataclass
@@ -117,11 +118,19 @@ class Config:
         return Path(self.workdir).expanduser().resolve()
 
     @property
-    def data_root(self) -> Path:
-        """Returns the dataset folder: `data.root`, or `<workdir>/data/<name>` when unset."""
-        if self.data.root:
-            return Path(self.data.root).expanduser().resolve()
-        return self.workdir_path / "data" / self.data.name
+    def data_root(self) -> Path | str:
+        """Returns the dataset folder: `data.root` (a local path, or a URI such as `s3://bucket/coco`), or
+        `<workdir>/data/<name>` when unset."""
+        from pipeline.storage import as_location
+
+        return as_location(self.data.root) if self.data.root else self.workdir_path / "data" / self.data.name
+
+    @property
+    def shard_dir(self) -> Path | str:
+        """Returns the dataset's shard folder: `<shard.output or <workdir>/shards>/<data.name>`."""
+        from pipeline.storage import as_location, join
+
+        return join(as_location(self.shard.output or self.workdir_path / "shards"), self.data.name)
 
     @property
     def tracking_uri(self) -> str:

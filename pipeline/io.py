@@ -68,9 +68,3 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_json(path: str | Path) -> Any:
-    """Returns the parsed JSON at `path`, or None when the file does not exist."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None

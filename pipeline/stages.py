@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, to_dict
 from pipeline.fingerprint import digest, frame_digest
-from pipeline.io import atomic_dir, atomic_write_json, read_json
+from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.tracking.runs import Tracker, log_cached_stage, metric_names, stage_run
 
 STAGE_RECORD = "stage.json"
@@ -41,8 +42,28 @@ def log(message: str) -> None:
     print(f"[itr] {message}", file=sys.stderr, flush=True)
 
 
+def _read_record(path) -> dict | None:
+    location = storage.join(path, STAGE_RECORD)
+    return json.loads(storage.read_bytes(location)) if storage.exists(location) else None
+
+
+def _log_artifact(location) -> None:
+    """Logs a local file or a remote object (through a local copy) as an MLflow artifact."""
+    import tempfile
+
+    import mlflow
+
+    if not storage.is_uri(location):
+        mlflow.log_artifact(str(location))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / str(location).rsplit("/", 1)[-1]
+        local.write_bytes(storage.read_bytes(location))
+        mlflow.log_artifact(str(local))
+
+
 def _cached(tracker: Tracker, stage: str, fingerprint: str, path: Path, upstream: list[str]) -> StageResult | None:
-    record = read_json(path / STAGE_RECORD)
+    record = _read_record(path)
     if not record or record.get("fingerprint") != fingerprint:
         return None
     log_cached_stage(tracker, stage, fingerprint, record["run_id"], upstream)
@@ -51,8 +72,9 @@ def _cached(tracker: Tracker, stage: str, fingerprint: str, path: Path, upstream
 
 
 def _commit(path: Path, stage: str, fingerprint: str, run_id: str, info: dict) -> StageResult:
-    atomic_write_json(path / STAGE_RECORD, {"stage": stage, "fingerprint": fingerprint, "run_id": run_id,
-                                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "info": info})
+    record = {"stage": stage, "fingerprint": fingerprint, "run_id": run_id,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "info": info}
+    storage.write_bytes(storage.join(path, STAGE_RECORD), json.dumps(record, indent=2, sort_keys=True).encode())
     return StageResult(stage, fingerprint, path, run_id, info=info)
 
 
@@ -115,7 +137,7 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
 
     t0 = time.perf_counter()
     samples, rejected = load_samples(cfg.data.source, cfg.data_root, cfg.data.name)
-    out = cfg.workdir_path / "shards" / cfg.data.name
+    out = cfg.shard_dir
     manifest, index, quarantine = shard_core.read_committed(out)
     if removed := shard_core.remove_uncommitted(out, manifest):
         log(f"shard: removed {len(removed)} uncommitted files left by an interrupted run")
@@ -124,20 +146,20 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
     total = len(samples) + len(rejected)  # input items: the source's samples and the entries it rejected
     rejected = rejected + missing + inc.rejected
     shard_core.check_splits(set(index["split"]) | {p.split for p in inc.plans}, ["train", cfg.eval.split])
-    record = read_json(out / STAGE_RECORD) or {}
+    record = _read_record(out) or {}
     prior = record.get("fingerprint", "") if len(manifest) else ""
     upstream = upstream + ([record["run_id"]] if prior else [])  # an increment builds on the previous state
 
     def check_quarantine(quarantined: list) -> None:
         if quarantined:
             log(f"shard: {len(quarantined)} items quarantined (first: {quarantined[0].item}: "
-                f"{quarantined[0].reason}); see {out / shard_core.QUARANTINE}")
+                f"{quarantined[0].reason}); see {storage.join(out, shard_core.QUARANTINE)}")
         if total and len(quarantined) / total > cfg.shard.max_quarantined:
             raise ValueError(f"shard: {len(quarantined)} of {total} input items quarantined "
                              f"({100 * len(quarantined) / total:.1f}% > shard.max_quarantined = "
                              f"{100 * cfg.shard.max_quarantined:g}%); first: {quarantined[0].item}: "
                              f"{quarantined[0].reason}. Nothing was committed; the list is in "
-                             f"{out / shard_core.QUARANTINE}")
+                             f"{storage.join(out, shard_core.QUARANTINE)}")
 
     if inc.gone:
         log(f"shard: {len(inc.gone)} sharded samples are no longer in the source (e.g. {inc.gone[0]}); "
@@ -177,8 +199,8 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
                             "quarantined_fraction": len(table) / max(1, total), "samples_total": sum(counts.values()),
                             "shards_total": len(manifest), "seconds": seconds,
                             "samples_per_second": float(new["num_samples"].sum() / seconds)})
-        mlflow.log_artifact(str(out / shard_core.MANIFEST))
-        mlflow.log_artifact(str(out / shard_core.QUARANTINE))
+        _log_artifact(storage.join(out, shard_core.MANIFEST))
+        _log_artifact(storage.join(out, shard_core.QUARANTINE))
         log(f"shard: {int(new['num_samples'].sum())} samples, {len(new)} shards, "
             f"{int(new['bytes'].sum()) / 1e6:.1f} MB, {len(table)} quarantined, {seconds:.1f} s "
             f"({sum(counts.values())} samples in {len(manifest)} shards at {out})")
@@ -223,8 +245,8 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
             gpus = cfg.features.num_gpus
             actors = max(1, min(len(todo), cpus if gpus == 0 else int(ray.cluster_resources().get("GPU", 0) / gpus)))
             threads = max(1, cpus // actors)
-            items = [{"shard_path": str(shards.path / r.shard), "shard": r.shard, "split": r.split, "sha256": r.sha256}
-                     for r in todo.itertuples()]
+            items = [{"shard_path": str(storage.join(shards.path, r.shard)), "shard": r.shard, "split": r.split,
+                      "sha256": r.sha256} for r in todo.itertuples()]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 ShardFeatureWriter,
                 fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),

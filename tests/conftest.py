@@ -10,6 +10,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 goes to the loopback S3 server of the `s3_server` fixture, never to AWS, with throwaway credentials. Set
+# before the Ray fixture starts, so that Ray's worker processes inherit it. (This module is imported twice, as
+# `conftest` and as `tests.conftest`: both must agree on the port.)
+S3_ENDPOINT = os.environ.setdefault("ITR_TEST_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # once per session
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_ENDPOINT_URL_S3=S3_ENDPOINT, AWS_ENDPOINT_URL=S3_ENDPOINT)
+
 TINY_OVERRIDES = [
     "data.synth.num_train=240", "data.synth.num_val=40", "data.synth.num_test=60", "data.synth.image_size=32",
     "data.synth.max_objects=2", "shard.shard_size=100", "features.model=itr-vit-micro-32",
@@ -29,6 +45,26 @@ def ray_cluster(tmp_path_factory):
              dashboard_port=free_port(), log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback (the endpoint of `S3_ENDPOINT`); yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(S3_ENDPOINT.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    import time
+    import urllib.request
+
+    for _ in range(100):  # start() returns before the server listens
+        try:
+            urllib.request.urlopen(S3_ENDPOINT, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield S3_ENDPOINT
+    server.stop()
 
 
 @pytest.fixture

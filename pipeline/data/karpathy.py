@@ -6,34 +6,35 @@ COCO's `restval` split is training data (Karpathy & Fei-Fei 2015; VSE++).
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import PurePosixPath
 
+from pipeline import storage
 from pipeline.data.sample import Rejected, Sample, check_key
 
 SPLIT_ALIASES = {"restval": "train"}
 
 
-def read_karpathy(json_path: str | Path, image_root: str | Path,
+def read_karpathy(json_path: storage.Location, image_root: storage.Location,
                   key_prefix: str) -> tuple[list[Sample], list[Rejected]]:
     """Returns (one `Sample` per well-formed image entry, keyed `{key_prefix}-{cocoid or imgid}`, image = file
     path; one `Rejected` per malformed entry: a missing field, no caption, an empty caption, an unsafe key).
 
     Raises FileNotFoundError or ValueError when the file itself is missing or is not a Karpathy split file.
     """
-    json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
+    if not storage.exists(json_path):
         raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
+    name = str(json_path).rstrip("/").rsplit("/", 1)[-1]
     try:
-        entries = json.loads(json_path.read_text(encoding="utf-8"))["images"]
+        entries = json.loads(storage.read_bytes(json_path).decode("utf-8"))["images"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{json_path}: not a Karpathy split file ({err})") from err
     samples, rejected = [], []
     for n, entry in enumerate(entries):
-        item = f"{json_path.name}#{n}"
+        item = f"{name}#{n}"
         try:
             ident = entry.get("cocoid", entry["imgid"])
             captions = [s["raw"].strip() for s in entry["sentences"]]
-            rel = Path(entry.get("filepath", "")) / entry["filename"]
+            rel = PurePosixPath(entry.get("filepath", "")) / entry["filename"]
             split = SPLIT_ALIASES.get(entry["split"], entry["split"])
             key = check_key(f"{key_prefix}-{ident}")
         except (KeyError, TypeError, AttributeError) as err:
@@ -48,7 +49,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path,
         samples.append(
             Sample(
                 key=key,
-                image=str(image_root / rel),
+                image=str(storage.join(image_root, *rel.parts)),
                 captions=captions,
                 split=split,
                 meta={"imgid": entry.get("imgid"), "filename": entry["filename"], "source_id": ident},

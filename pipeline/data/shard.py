@@ -10,25 +10,25 @@ only the samples whose key no committed shard holds, into new tars numbered afte
 (`{split}/shard-{n:06d}.tar`, new samples sorted by key); committed tars are never rewritten. Per sample,
 `samples.parquet` records its shard and content digests (image stat and sha256, text sha256), and
 `quarantine.parquet` lists the items the latest run could not shard, with the reason.
+
+The folder and the images may be local paths or URIs (`s3://...`, see `pipeline.storage`).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
+from pipeline import storage
 from pipeline.data.sample import Rejected, Sample, check_key
-from pipeline.io import atomic_write_parquet
 
 CODE_VERSION = 2
 MANIFEST = "manifest.parquet"
@@ -77,12 +77,11 @@ def text_sha(sample: Sample) -> str:
 
 
 def image_stat(sample: Sample) -> str:
-    """Returns a cheap change marker of the sample's image: `size:mtime_ns` of its file, or a sha256 prefix
-    of in-memory bytes. Raises OSError when the file is missing."""
+    """Returns a cheap change marker of the sample's image (`storage.stat_marker` of its file, or a sha256
+    prefix of in-memory bytes). Raises OSError when the file is missing."""
     if isinstance(sample.image, bytes):
         return hashlib.sha256(sample.image).hexdigest()[:16]
-    st = os.stat(sample.image)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return storage.stat_marker(sample.image)
 
 
 def source_manifest(samples: list[Sample]) -> tuple[pd.DataFrame, list[Rejected]]:
@@ -94,7 +93,7 @@ def source_manifest(samples: list[Sample]) -> tuple[pd.DataFrame, list[Rejected]
         try:
             stat = image_stat(s)
         except OSError as err:
-            rejected.append(Rejected(s.key, f"image file missing or unreadable: {s.image} ({err.strerror})"))
+            rejected.append(Rejected(s.key, f"image file missing or unreadable: {s.image} ({err.strerror or err})"))
             continue
         rows.append({"key": s.key, "split": s.split, "image": s.image if isinstance(s.image, str) else "<bytes>",
                      "image_stat": stat, "num_captions": len(s.captions), "text_sha": text_sha(s)})
@@ -103,7 +102,7 @@ def source_manifest(samples: list[Sample]) -> tuple[pd.DataFrame, list[Rejected]
 
 
 def _file_sha(sample: Sample) -> str:
-    data = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
+    data = sample.image if isinstance(sample.image, bytes) else storage.read_bytes(sample.image)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -176,9 +175,9 @@ def image_jpeg_bytes(sample: Sample, quality: int) -> tuple[bytes, str]:
     the source image bytes). Raises ValueError naming the sample when the image is missing or cannot be
     decoded (a truncated file included: the image is decoded fully)."""
     try:
-        data = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
+        data = sample.image if isinstance(sample.image, bytes) else storage.read_bytes(sample.image)
     except OSError as err:
-        raise ValueError(f"sample {sample.key}: cannot read image {sample.image}: {err.strerror}") from err
+        raise ValueError(f"sample {sample.key}: cannot read image {sample.image}: {err.strerror or err}") from err
     sha = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -221,7 +220,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(plan: ShardPlan, out_dir: str | Path, jpeg_quality: int = 95) -> dict:
+def write_shard(plan: ShardPlan, out_dir: storage.Location, jpeg_quality: int = 95) -> dict:
     """Writes one tar atomically under `out_dir` with every sample of `plan` that can be written; returns
     {"row": its manifest row (shard, split, num_samples, num_captions, bytes, sha256, first_key, last_key)
     or None when no sample could be written, "samples": [{key, image_sha}] written, "rejected": [{item,
@@ -237,17 +236,12 @@ def write_shard(plan: ShardPlan, out_dir: str | Path, jpeg_quality: int = 95) ->
         written.append({"key": s.key, "image_sha": sha, "num_captions": len(s.captions)})
     if not written:
         return {"row": None, "samples": [], "rejected": rejected}
-    path = Path(out_dir) / plan.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                _add(tar, name, data)
-        data = tmp.read_bytes()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()  # a shard is built in memory (bounded by shard_size), hashed, then written once
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    data = buffer.getvalue()
+    storage.write_bytes(storage.join(out_dir, plan.name), data)
     row = {"shard": plan.name, "split": plan.split, "num_samples": len(written),
            "num_captions": sum(w["num_captions"] for w in written), "bytes": len(data),
            "sha256": hashlib.sha256(data).hexdigest(), "first_key": written[0]["key"], "last_key": written[-1]["key"]}
@@ -255,10 +249,10 @@ def write_shard(plan: ShardPlan, out_dir: str | Path, jpeg_quality: int = 95) ->
             "rejected": rejected}
 
 
-def read_shard(path: str | Path) -> list[dict]:
+def read_shard(path: storage.Location) -> list[dict]:
     """Returns the samples of one tar in member order: [{"key", "jpg": bytes, "json": dict, "txt": str}]."""
     samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path))) as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             data = tar.extractfile(member).read()
@@ -267,35 +261,33 @@ def read_shard(path: str | Path) -> list[dict]:
     return list(samples.values())
 
 
-def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=columns)
+def _read_table(location: storage.Location, columns: list[str]) -> pd.DataFrame:
+    return storage.read_parquet(location) if storage.exists(location) else pd.DataFrame(columns=columns)
 
 
-def read_committed(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def read_committed(out_dir: storage.Location) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Returns (manifest, sample index restricted to committed shards, quarantine) of a shard folder; empty
     frames with the right columns for a new folder."""
-    out_dir = Path(out_dir)
-    manifest = _read_table(out_dir / MANIFEST, MANIFEST_COLUMNS)
-    index = _read_table(out_dir / INDEX, INDEX_COLUMNS)
+    manifest = _read_table(storage.join(out_dir, MANIFEST), MANIFEST_COLUMNS)
+    index = _read_table(storage.join(out_dir, INDEX), INDEX_COLUMNS)
     index = index[index["shard"].isin(set(manifest["shard"]))].reset_index(drop=True)
-    return manifest, index, _read_table(out_dir / QUARANTINE, QUARANTINE_COLUMNS)
+    return manifest, index, _read_table(storage.join(out_dir, QUARANTINE), QUARANTINE_COLUMNS)
 
 
-def remove_uncommitted(out_dir: str | Path, manifest: pd.DataFrame) -> list[str]:
+def remove_uncommitted(out_dir: storage.Location, manifest: pd.DataFrame) -> list[str]:
     """Deletes the tars and temporary files under `out_dir` that `manifest` does not list (left by a killed
     or failed run); returns their relative names."""
-    out_dir = Path(out_dir)
     listed = set(manifest["shard"])
     removed = []
-    for path in sorted(out_dir.glob("*/*")):
-        name = path.relative_to(out_dir).as_posix()
-        if path.is_file() and (path.name.startswith(".") or (path.suffix == ".tar" and name not in listed)):
-            path.unlink()
+    for name in storage.list_files(out_dir, "*/*") if storage.is_dir(out_dir) else []:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith(".") or (base.endswith(".tar") and name not in listed):
+            storage.remove(storage.join(out_dir, name))
             removed.append(name)
     return removed
 
 
-def write_quarantine(out_dir: str | Path, rejected: list[Rejected], inputs: pd.DataFrame) -> pd.DataFrame:
+def write_quarantine(out_dir: storage.Location, rejected: list[Rejected], inputs: pd.DataFrame) -> pd.DataFrame:
     """Writes `quarantine.parquet` (item, reason, and for sample items their image_stat and text_sha, so an
     unchanged item is not retried) atomically; returns it."""
     digests = inputs.set_index("key")[["image_stat", "text_sha"]] if len(inputs) else None
@@ -306,11 +298,11 @@ def write_quarantine(out_dir: str | Path, rejected: list[Rejected], inputs: pd.D
                      "image_stat": str(digests.at[r.item, "image_stat"]) if known else "",
                      "text_sha": str(digests.at[r.item, "text_sha"]) if known else ""})
     table = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
-    atomic_write_parquet(Path(out_dir) / QUARANTINE, pa.Table.from_pandas(table, preserve_index=False))
+    storage.write_parquet(storage.join(out_dir, QUARANTINE), pa.Table.from_pandas(table, preserve_index=False))
     return table
 
 
-def commit(out_dir: str | Path, manifest: pd.DataFrame, index: pd.DataFrame, results: list[dict],
+def commit(out_dir: storage.Location, manifest: pd.DataFrame, index: pd.DataFrame, results: list[dict],
            inputs: pd.DataFrame, run_id: str) -> pd.DataFrame:
     """Adds the written tars of `results` (from `write_shard`) to the sample index, then to the manifest
     (the commit record, written last, atomically); returns the new manifest, sorted by split and shard."""
@@ -324,19 +316,19 @@ def commit(out_dir: str | Path, manifest: pd.DataFrame, index: pd.DataFrame, res
             d = digests.loc[s["key"]]
             new_index.append({"key": s["key"], "split": d["split"], "shard": result["row"]["shard"],
                               "image_stat": d["image_stat"], "image_sha": s["image_sha"], "text_sha": d["text_sha"]})
-    out_dir = Path(out_dir)
     frames = [f for f in (index, pd.DataFrame(new_index, columns=INDEX_COLUMNS)) if len(f)]
     index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
-    atomic_write_parquet(out_dir / INDEX, pa.Table.from_pandas(index.sort_values("key"), preserve_index=False))
+    storage.write_parquet(storage.join(out_dir, INDEX),
+                          pa.Table.from_pandas(index.sort_values("key"), preserve_index=False))
     frames = [f for f in (manifest, pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS)) if len(f)]
     manifest = pd.concat(frames, ignore_index=True).sort_values(["split", "shard"]).reset_index(drop=True)
-    atomic_write_parquet(out_dir / MANIFEST, pa.Table.from_pandas(manifest, preserve_index=False))
+    storage.write_parquet(storage.join(out_dir, MANIFEST), pa.Table.from_pandas(manifest, preserve_index=False))
     return manifest
 
 
-def read_manifest(out_dir: str | Path) -> pd.DataFrame:
+def read_manifest(out_dir: storage.Location) -> pd.DataFrame:
     """Returns the shard manifest of a shard folder; raises FileNotFoundError naming it when absent."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(out_dir, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(f"no shard manifest at {path}: run the shard stage first")
-    return pd.read_parquet(path)
+    return storage.read_parquet(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.data.sample import Rejected, Sample
 
 SOURCES = {
@@ -23,7 +24,7 @@ def check_source(source: str, root: str | Path) -> None:
     """Raises ValueError for an unknown source, FileNotFoundError naming `root` when it is missing."""
     if source not in SOURCES:
         raise ValueError(f"data.source: unknown data source {source!r} (known: {', '.join(sorted(SOURCES))})")
-    if not Path(root).is_dir():
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
 
 
@@ -31,4 +32,4 @@ def load_samples(source: str, root: str | Path, name: str) -> tuple[list[Sample]
     """Returns (every sample, every rejected item) of dataset `name` read by source `source` from `root`."""
     check_source(source, root)
     module, _, function = SOURCES[source].partition(":")
-    return getattr(importlib.import_module(module), function or "load_samples")(Path(root), name)
+    return getattr(importlib.import_module(module), function or "load_samples")(storage.as_location(root), name)
