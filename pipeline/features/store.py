@@ -20,7 +20,7 @@ from pipeline.io import atomic_write_parquet
 
 MANIFEST = "manifest.parquet"
 SELECTIONS = "inputs"  # <store>/inputs/<extract fingerprint>/manifest.parquet
-IMAGE_ARRAYS = ("image_embed", "image_pooled", "patch_tokens")
+IMAGE_ARRAYS = ("image_embed", "image_pooled", "patch_tokens", "region_feats")  # region_feats: precomp (N, R, D)
 CAPTION_ARRAYS = ("text_embed", "text_pooled")
 
 
@@ -62,10 +62,13 @@ def caption_table(keys: list[str], caption_index: list[int], captions: list[str]
     return pa.table(cols).replace_schema_metadata(meta)
 
 
-def write_shard(split_dir: Path, stem: str, images: pa.Table, captions: pa.Table) -> tuple[str, str]:
-    """Writes both tables atomically; returns their file names relative to the split folder."""
+def write_shard(split_dir: Path, stem: str, images: pa.Table, captions: pa.Table,
+                image_row_group_size: int | None = None) -> tuple[str, str]:
+    """Writes both tables atomically; returns their file names relative to the split folder. `image_row_group_size`:
+    images per Parquet row group (None: pyarrow's default, one group up to 1M rows); small groups bound the writer's
+    memory for large arrays (it holds ~8 bytes per float16 value of a group)."""
     names = (f"{stem}.images.parquet", f"{stem}.captions.parquet")
-    atomic_write_parquet(split_dir / names[0], images, compression="none")
+    atomic_write_parquet(split_dir / names[0], images, compression="none", row_group_size=image_row_group_size)
     atomic_write_parquet(split_dir / names[1], captions, compression="none")
     return names
 

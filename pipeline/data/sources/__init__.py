@@ -18,12 +18,14 @@ SOURCES = {
     "nuswide": "pipeline.data.sources.nuswide",
     "nuswide10k": "pipeline.data.sources.nuswide:load_nuswide10k",
 }
+FEATURE_SOURCES = {"precomp"}  # no images: imported straight into the feature store (pipeline.features.precomp)
 
 
 def check_source(source: str, root: str | Path) -> None:
     """Raises ValueError for an unknown source, FileNotFoundError naming `root` when it is missing."""
-    if source not in SOURCES:
-        raise ValueError(f"data.source: unknown data source {source!r} (known: {', '.join(sorted(SOURCES))})")
+    if source not in SOURCES and source not in FEATURE_SOURCES:
+        known = ", ".join(sorted(set(SOURCES) | FEATURE_SOURCES))
+        raise ValueError(f"data.source: unknown data source {source!r} (known: {known})")
     if not storage.is_dir(root):
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
 
@@ -31,5 +33,8 @@ def check_source(source: str, root: str | Path) -> None:
 def load_samples(source: str, root: str | Path, name: str) -> tuple[list[Sample], list[Rejected]]:
     """Returns (every sample, every rejected item) of dataset `name` read by source `source` from `root`."""
     check_source(source, root)
+    if source in FEATURE_SOURCES:
+        raise ValueError(f"data.source: {source} holds features, not images: it has no shard stage (`itr extract` "
+                         "imports it into the feature store)")
     module, _, function = SOURCES[source].partition(":")
     return getattr(importlib.import_module(module), function or "load_samples")(storage.as_location(root), name)
