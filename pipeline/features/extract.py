@@ -6,6 +6,7 @@ loads the model once and calls it for each shard it is given.
 from __future__ import annotations
 
 import io
+import resource
 import time
 from pathlib import Path
 from types import ModuleType
@@ -93,5 +94,6 @@ class ShardFeatureWriter:
                                 self.cfg.batch_size, self.cfg.store_tokens)
             row["images_file"] = f"{split}/{row['images_file']}"
             row["captions_file"] = f"{split}/{row['captions_file']}"
+            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this actor's, so far
             rows.append({"shard": shard, "split": split, "shard_sha256": sha, "run_id": self.run_id, **row})
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
