@@ -236,6 +236,8 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
     shard_manifest = read_shard_manifest(shards.path)
     input_digest = frame_digest(shard_manifest[["shard", "sha256"]])
     fp = digest({"extractor": described, "shards": input_digest})
+    if removed := store.remove_uncommitted(store_dir):
+        log(f"extract: removed {len(removed)} uncommitted files left by an interrupted run")
     done = store.read_manifest(store_dir)
     have = set(zip(done["shard"], done["shard_sha256"])) if len(done) else set()
     todo = shard_manifest[[(s, h) not in have for s, h in zip(shard_manifest["shard"], shard_manifest["sha256"])]]

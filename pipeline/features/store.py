@@ -86,6 +86,22 @@ def write_manifest(store: Path, manifest: pd.DataFrame) -> Path:
     return atomic_write_parquet(Path(store) / MANIFEST, pa.Table.from_pandas(manifest, preserve_index=False))
 
 
+def remove_uncommitted(store: Path) -> list[str]:
+    """Deletes the temp files and the feature files no manifest row lists (what a killed run left; a store
+    has one writer at a time); returns their paths relative to the store."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    listed = set(manifest["images_file"]) | set(manifest["captions_file"]) if len(manifest) else set()
+    removed = []
+    for path in sorted(store.glob("*/*")):
+        name = path.relative_to(store).as_posix()
+        if path.is_file() and name.split("/")[0] != SELECTIONS and (
+                path.name.startswith(".") or (name.endswith(".parquet") and name not in listed)):
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
 def select(manifest: pd.DataFrame, shards: pd.DataFrame) -> pd.DataFrame:
     """Returns the store rows of the given shard manifest's (shard, sha256) pairs; raises ValueError
     naming the first shard that has no features."""
