@@ -77,6 +77,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    system_metrics_seconds: float = 10.0  # rank 0 samples CPU, memory and GPU into MLflow at this interval
     seed: int = 0
 
 

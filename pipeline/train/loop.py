@@ -25,6 +25,7 @@ from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, en
 
 CODE_VERSION = 1  # part of the train stage's fingerprint: bump when training results would change
 CHECKPOINT_FILE = "state.pt"
+LOG_EVERY_STEPS = 10  # per-step loss parts logged to MLflow every this many steps
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -153,15 +154,20 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
         start_epoch, step = state["epoch"] + 1, state["step"]
 
-    client = None
+    client = monitor = None
     if rank == 0 and config.get("mlflow_run_id"):
         from mlflow.entities import Metric
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(config["mlflow_uri"])
+        monitor = SystemMetricsMonitor(config["mlflow_run_id"], sampling_interval=tc["system_metrics_seconds"],
+                                       resume_logging=start_epoch > 0, tracking_uri=config["mlflow_uri"])
+        monitor.start()
     for epoch in range(start_epoch, tc["epochs"]):
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
+        step_metrics = []
         batches = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
         for caption_rows in batches:
             parts = train_step(model, method, momentum, optimizer, scheduler,
@@ -169,6 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if client is not None and step % LOG_EVERY_STEPS == 0:
+                now = int(time.time() * 1000)
+                step_metrics += [Metric(f"step_{k}", v, now, step) for k, v in parts.items()]
         queue_seconds = sums.pop("queue_gather_seconds", 0.0)
         metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
         metrics["queue_gather_seconds"] = queue_seconds
@@ -181,8 +190,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["queue_checksum"] = checksum
             metrics["queue_sync_error"] = float((every_rank - every_rank[0]).abs().max())  # 0: identical queues
         if client is not None:
-            client.log_batch(config["mlflow_run_id"], metrics=[
-                Metric(k, v, int(time.time() * 1000), epoch) for k, v in metric_names(metrics).items()])
+            step_metrics += [Metric(k, v, int(time.time() * 1000), epoch) for k, v in metric_names(metrics).items()]
+            for start in range(0, len(step_metrics), 1000):  # MLflow's limit per batch
+                client.log_batch(config["mlflow_run_id"], metrics=step_metrics[start:start + 1000])
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -201,3 +211,5 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+    if monitor is not None:
+        monitor.finish()
