@@ -68,6 +68,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     temperature: float = 0.05  # infonce
+    distill_alpha: float = 0.0  # infonce: ALBEF momentum distillation weight (0 = off; ALBEF uses 0.4)
     margin: float = 0.2  # vse
     gather_with_grad: bool = False  # negatives from every worker's batch, gradients kept
     embed_dim: int = 256

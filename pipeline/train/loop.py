@@ -94,7 +94,14 @@ def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: Moment
                batch: dict, tc: dict, precision: str, device: torch.device) -> dict[str, float]:
     """One optimisation step: forward through `model` (the DDP wrapper of `method`, or `method` itself),
     the method's loss, clipped AdamW step, LR step, then the EMA update and the enqueue of the momentum
-    keys (all-gathered across workers). Returns the loss parts and `queue_gather_seconds` as floats."""
+    keys (all-gathered across workers). A method that distills (`distill_alpha` > 0) follows ALBEF's order
+    instead: EMA update, momentum outputs in `batch["momentum"]` for its loss, step, enqueue of those
+    outputs. Returns the loss parts and `queue_gather_seconds` as floats."""
+    distilling = getattr(method, "distill_alpha", 0.0) > 0
+    if distilling:
+        ema_update(momentum.model, method, tc["momentum"])
+        with torch.no_grad():
+            batch = {**batch, "momentum": {k: v.float() for k, v in momentum.model(batch).items()}}
     with autocast(precision, device):
         out = model(batch)
     parts = method.loss({k: v.float() for k, v in out.items()}, batch, momentum)
@@ -105,9 +112,12 @@ def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: Moment
     scheduler.step()
     result = {k: v.item() for k, v in parts.items()}
     if momentum.image_queue is not None:
-        ema_update(momentum.model, method, tc["momentum"])
-        with torch.no_grad():
-            keys = momentum.model(batch)
+        if distilling:
+            keys = batch["momentum"]
+        else:
+            ema_update(momentum.model, method, tc["momentum"])
+            with torch.no_grad():
+                keys = momentum.model(batch)
         t0 = time.perf_counter()
         enqueue_together([momentum.image_queue, momentum.text_queue], [keys["image"], keys["text"]], batch["ids"])
         result["queue_gather_seconds"] = time.perf_counter() - t0

@@ -25,21 +25,48 @@ def multi_positive_nce(queries: torch.Tensor, keys: torch.Tensor, query_ids: tor
     return -(torch.logsumexp(log_prob.masked_fill(~positive, float("-inf")), dim=1)).mean()
 
 
+def distilled_nce(queries: torch.Tensor, keys: torch.Tensor, query_ids: torch.Tensor, key_ids: torch.Tensor,
+                  momentum_queries: torch.Tensor, momentum_keys: torch.Tensor, temperature: float,
+                  alpha: float) -> torch.Tensor:
+    """Returns ALBEF's momentum-distilled contrastive loss (Li et al. 2021, eq. 2-3): the mean over queries of
+    the cross-entropy H(y, softmax(q . k / T)) with soft targets y = alpha * softmax(q_m . k_m / T) + (1 - alpha)
+    * (uniform over the query's positives), q_m, k_m the momentum encoder's embeddings of the same queries and
+    keys (no gradient flows through them). Shapes as `multi_positive_nce`, momentum_* like queries/keys."""
+    positive = (query_ids[:, None] == key_ids[None, :]).float()
+    with torch.no_grad():
+        targets = alpha * F.softmax(momentum_queries @ momentum_keys.T / temperature, dim=1)
+        targets += (1 - alpha) * positive / positive.sum(1, keepdim=True)
+    return -(F.log_softmax(queries @ keys.T / temperature, dim=1) * targets).sum(1).mean()
+
+
 def queue_infonce(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, temperature: float,
                   img_queue: tuple[torch.Tensor, torch.Tensor] | None = None,
                   txt_queue: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  gather_with_grad: bool = False) -> dict[str, torch.Tensor]:
+                  gather_with_grad: bool = False, momentum: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  distill_alpha: float = 0.0) -> dict[str, torch.Tensor]:
     """Returns {"loss", "loss_i2t", "loss_t2i"}: symmetric InfoNCE of the batch (B, D) embeddings against the
     batch embeddings of the other modality (every worker's, with `gather_with_grad`) plus, when given, that
-    modality's momentum queue (features, ids)."""
+    modality's momentum queue (features, ids). With `distill_alpha` > 0 and `momentum` = the momentum
+    encoder's (image, text) embeddings of the batch, targets are ALBEF's soft ones (`distilled_nce`)."""
     txt_keys, txt_ids = _keys(txt, ids, gather_with_grad)
     img_keys, img_ids = _keys(img, ids, gather_with_grad)
+    distill = momentum is not None and distill_alpha > 0
+    if distill:
+        img_m, txt_m = momentum
+        img_keys_m = all_gather_no_grad(img_m) if gather_with_grad else img_m
+        txt_keys_m = all_gather_no_grad(txt_m) if gather_with_grad else txt_m
     if txt_queue is not None and len(txt_queue[0]):
         txt_keys, txt_ids = torch.cat([txt_keys, txt_queue[0]]), torch.cat([txt_ids, txt_queue[1]])
+        txt_keys_m = torch.cat([txt_keys_m, txt_queue[0]]) if distill else None
     if img_queue is not None and len(img_queue[0]):
         img_keys, img_ids = torch.cat([img_keys, img_queue[0]]), torch.cat([img_ids, img_queue[1]])
-    i2t = multi_positive_nce(img, txt_keys, ids, txt_ids, temperature)
-    t2i = multi_positive_nce(txt, img_keys, ids, img_ids, temperature)
+        img_keys_m = torch.cat([img_keys_m, img_queue[0]]) if distill else None
+    if distill:
+        i2t = distilled_nce(img, txt_keys, ids, txt_ids, img_m, txt_keys_m, temperature, distill_alpha)
+        t2i = distilled_nce(txt, img_keys, ids, img_ids, txt_m, img_keys_m, temperature, distill_alpha)
+    else:
+        i2t = multi_positive_nce(img, txt_keys, ids, txt_ids, temperature)
+        t2i = multi_positive_nce(txt, img_keys, ids, img_ids, temperature)
     return {"loss": (i2t + t2i) / 2, "loss_i2t": i2t, "loss_t2i": t2i}
 
 

@@ -1,13 +1,14 @@
-"""Losses: the VSE++ hardest-negative hinge on a hand case, and gather-with-grad on two gloo ranks giving
-the gradient of the full-batch loss."""
+"""Losses: the VSE++ hardest-negative hinge on a hand case, ALBEF momentum distillation against its formula,
+and gather-with-grad on two gloo ranks giving the gradient of the full-batch loss."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from pipeline.train.losses import hardest_negative_triplet, queue_infonce
+from pipeline.train.losses import distilled_nce, hardest_negative_triplet, queue_infonce
 
 BATCH, DIM = 6, 4
 
@@ -20,6 +21,31 @@ def test_hardest_negative_hand_case_and_same_id_is_never_a_negative():
     assert parts["loss_i2t"].item() == pytest.approx(0.1) and parts["loss_t2i"].item() == pytest.approx(0.1)
     same_image = hardest_negative_triplet(img, txt, torch.tensor([0, 0]), margin=0.3)
     assert same_image["loss"].item() == 0.0
+
+
+def test_distillation_reduces_to_cross_entropy_and_to_zero_gradient_at_its_own_targets():
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    q_ids, k_ids = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3, 4, 5])
+    hard = distilled_nce(q, k, q_ids, k_ids, q.detach(), k, 0.1, alpha=0.0)  # one positive each: plain CE
+    assert hard.item() == pytest.approx(F.cross_entropy(q @ k.T / 0.1, q_ids).item(), rel=1e-6)
+    # alpha = 1 with the momentum copy equal to the online model: the targets are the model's own softmax,
+    # so the gradient vanishes (ALBEF's soft targets only pull towards the momentum model's view)
+    soft = distilled_nce(q, k, q_ids, k_ids, q.detach(), k, 0.1, alpha=1.0)
+    (grad,) = torch.autograd.grad(soft, q)
+    assert grad.abs().max().item() < 1e-6
+    # the formula itself, with a queue and a second positive: targets .4 * momentum softmax + .6 * uniform
+    img, txt, ids = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([0, 1, 1])
+    img_m, txt_m = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    queue = (torch.randn(4, 8, generator=g), torch.tensor([1, 5, 6, 7]))
+    parts = queue_infonce(img, txt, ids, 0.2, img_queue=queue, txt_queue=queue, momentum=(img_m, txt_m),
+                          distill_alpha=0.4)
+    keys, keys_m, key_ids = torch.cat([txt, queue[0]]), torch.cat([txt_m, queue[0]]), torch.cat([ids, queue[1]])
+    positive = (ids[:, None] == key_ids[None, :]).float()
+    targets = 0.4 * F.softmax(img_m @ keys_m.T / 0.2, 1) + 0.6 * positive / positive.sum(1, keepdim=True)
+    want = -(F.log_softmax(img @ keys.T / 0.2, 1) * targets).sum(1).mean()
+    assert parts["loss_i2t"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def _inputs():

@@ -31,7 +31,8 @@ def test_standardisation_removes_a_shared_offset():
     assert head.score(out["image"], out["text"]).shape == (5, 5)
 
 
-@pytest.mark.parametrize("name, extra", [("infonce", {"temperature": 0.1}), ("vse", {"margin": 0.2})])
+@pytest.mark.parametrize("name, extra", [("infonce", {"temperature": 0.1}), ("vse", {"margin": 0.2}),
+                                         ("infonce", {"temperature": 0.1, "distill_alpha": 0.4})])
 def test_head_learns_a_noisy_pairing_with_queue(name, extra):
     torch.manual_seed(0)
     n, per = 64, 2
