@@ -1,12 +1,17 @@
 """Training engine through Ray Train on 2 CPU workers (gloo): a worker killed mid-run is replaced, training
-resumes from the last checkpoint, nothing reported is lost, and the result equals an uninterrupted run."""
+resumes from the last checkpoint, nothing reported is lost, and the result equals an uninterrupted run; a
+lost driver's run is continued by rerunning it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,5 +72,44 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_uninterrupted_ru
     a = torch.load(interrupted.path / "model.pt", weights_only=True)
     b = torch.load(clean.path / "model.pt", weights_only=True)
     assert interrupted.info["epoch"] == clean.info["epoch"]
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_lost_driver_rerun_of_the_same_run_continues_from_its_last_checkpoint(ray_cluster, tracker, tmp_path):
+    """The whole `itr train` (driver and its Ray) SIGKILLed after two checkpoints; rerunning the same stage
+    resumes that run from its last checkpoint (same run name and storage path) and ends like a clean run."""
+    from tests.conftest import TINY_OVERRIDES
+    from tests.integration.test_shard_stage import _kill_all
+
+    overrides = TINY_OVERRIDES + [f"train.epochs={EPOCHS}"]
+    cfg = load_config(None, overrides + [f"workdir={tmp_path / 'a'}"])
+    features = run_stages(cfg, tracker, "extract")["extract"]
+    temp_dir = Path(tempfile.mkdtemp(prefix="itr-", dir="/tmp"))  # short: Ray's socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "jobs/configs/tiny.yaml", f"workdir={cfg.workdir}",
+         f"train.epochs={EPOCHS}", "train.system_metrics_seconds=0.5", f"tracking.uri={tracker.uri}"],
+        cwd=Path(__file__).parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    results = cfg.workdir_path / "ray_results"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(results.glob("*/checkpoint_*"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before its second checkpoint: nothing was killed"
+    _kill_all(proc, str(temp_dir))
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    done_before = len(list(results.glob("*/checkpoint_*")))
+    assert not (cfg.workdir_path / "train").exists() or not list((cfg.workdir_path / "train").iterdir())
+
+    resumed = run_train(cfg, tracker, features)
+    history = MlflowClient(tracker.uri).get_metric_history(resumed.run_id, "val_rsum")
+    epochs = sorted(m.step for m in history)
+    assert epochs == list(range(epochs[0], EPOCHS)) and 1 <= epochs[0] <= done_before  # continued, not restarted
+    clean_cfg = load_config(None, overrides + [f"workdir={tmp_path / 'b'}"])
+    clean = run_train(clean_cfg, tracker, run_stages(clean_cfg, tracker, "extract")["extract"])
+    a = torch.load(resumed.path / "model.pt", weights_only=True)
+    b = torch.load(clean.path / "model.pt", weights_only=True)
+    assert resumed.info["epoch"] == clean.info["epoch"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
