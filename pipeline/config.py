@@ -78,6 +78,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    storage_path: Optional[str] = None  # checkpoints: a shared path or s3://...; default <workdir>/ray_results
     system_metrics_seconds: float = 10.0  # rank 0 samples CPU, memory and GPU into MLflow at this interval
     seed: int = 0
 

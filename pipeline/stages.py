@@ -383,7 +383,8 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     cls = METHODS[tc.method]
     store_root, manifest = store.open_selection(features.path)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
-    fp = digest({"features": features.fingerprint, "train": to_dict(tc), "code": TRAIN_CODE_VERSION})
+    result_config = {k: v for k, v in to_dict(tc).items() if k not in ("storage_path", "system_metrics_seconds")}
+    fp = digest({"features": features.fingerprint, "train": result_config, "code": TRAIN_CODE_VERSION})
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit
@@ -421,7 +422,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
             scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=f"train-{fp}", storage_path=str(cfg.workdir_path / "ray_results"),
+                name=f"train-{fp}", storage_path=tc.storage_path or str(cfg.workdir_path / "ray_results"),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, **best),
                 failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             ),

@@ -1,5 +1,6 @@
 """Object storage: a COCO-layout dataset read from S3 and shards written to S3 (a moto S3 server on
-loopback), through the shard and extract stages on Ray: the same bytes as a local run."""
+loopback), through the shard and extract stages on Ray: the same bytes as a local run; Ray Train checkpoints
+on S3."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,22 @@ def test_dataset_and_shards_on_s3_match_a_local_run(ray_cluster, tracker, tmp_pa
     assert again.cached and again.run_id == results["shard"].run_id
     record = json.loads(storage.read_bytes("s3://itr-test/shards/coco/stage.json"))
     assert record["run_id"] == results["shard"].run_id
+
+
+def test_training_checkpoints_on_s3(ray_cluster, tracker, tmp_path, s3_server):
+    """Ray Train's storage_path on S3: checkpoints land in the bucket and the stage loads the best one from it."""
+    import s3fs
+
+    from tests.conftest import TINY_OVERRIDES
+
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("itr-ckpt"):
+        fs.mkdir("itr-ckpt")
+    local = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}"])
+    remote = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}", "train.storage_path=s3://itr-ckpt/runs"])
+    trained = run_stages(remote, tracker, "train")["train"]
+    assert not (tmp_path / "w" / "ray_results").exists()
+    checkpoints = fs.glob(f"itr-ckpt/runs/train-{trained.fingerprint}/checkpoint_*/state.pt")
+    assert len(checkpoints) == 2  # one per epoch, num_to_keep=2
+    assert (trained.path / "model.pt").is_file()
+    assert trained.fingerprint == run_stages(local, tracker, "train")["train"].fingerprint  # where is not what
