@@ -383,7 +383,8 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     cls = METHODS[tc.method]
     store_root, manifest = store.open_selection(features.path)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
-    result_config = {k: v for k, v in to_dict(tc).items() if k not in ("storage_path", "system_metrics_seconds")}
+    operational = ("storage_path", "system_metrics_seconds", "max_failures")  # where and how, not what is trained
+    result_config = {k: v for k, v in to_dict(tc).items() if k not in operational}
     fp = digest({"features": features.fingerprint, "train": result_config, "code": TRAIN_CODE_VERSION})
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):

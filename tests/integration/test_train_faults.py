@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.stages import run_stages, run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-EPOCHS = 10
+EPOCHS = 6
 
 
 def train_worker_pids() -> list[int]:
@@ -41,11 +41,34 @@ def kill_a_worker_after_checkpoints(results_dir, wanted: int, killed: list, stop
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(ray_cluster, tracker, tmp_path):
+def overrides() -> list[str]:
     from tests.conftest import TINY_OVERRIDES
 
-    overrides = TINY_OVERRIDES + [f"train.epochs={EPOCHS}", "train.max_failures=3"]
-    base = load_config(None, overrides + [f"workdir={tmp_path / 'a'}"])
+    return TINY_OVERRIDES + [f"train.epochs={EPOCHS}", "train.max_failures=3"]
+
+
+@pytest.fixture(scope="module")
+def clean_model(ray_cluster, tmp_path_factory) -> tuple[dict, int]:
+    """(state dict, epoch) of the same training, uninterrupted, in its own workdir."""
+    from pipeline.tracking.runs import open_tracker
+
+    workdir = tmp_path_factory.mktemp("clean")
+    tracker = open_tracker(f"sqlite:///{workdir}/mlflow.db", "clean")
+    clean = run_stages(load_config(None, overrides() + [f"workdir={workdir}"]), tracker, "train")["train"]
+    return torch.load(clean.path / "model.pt", weights_only=True), clean.info["epoch"]
+
+
+def assert_same_model(trained, clean_model) -> None:
+    state, epoch = clean_model
+    assert trained.info["epoch"] == epoch
+    got = torch.load(trained.path / "model.pt", weights_only=True)
+    for name in got:
+        assert torch.allclose(got[name], state[name], atol=1e-5), name
+
+
+def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(ray_cluster, tracker, tmp_path,
+                                                                                   clean_model):
+    base = load_config(None, overrides() + [f"workdir={tmp_path / 'a'}"])
     features = run_stages(base, tracker, "extract")["extract"]
 
     killed: list[int] = []
@@ -65,31 +88,22 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_uninterrupted_ru
     sync = client.get_metric_history(interrupted.run_id, "queue_sync_error")
     assert sync and all(m.value == 0.0 for m in sync)  # queues identical on both ranks, every epoch
 
-    # the same training, uninterrupted, in another workdir (same features: the stage reads the store)
-    clean_cfg = load_config(None, overrides + [f"workdir={tmp_path / 'b'}"])
-    clean = run_train(clean_cfg, tracker, run_stages(clean_cfg, tracker, "extract")["extract"])
-    assert clean.fingerprint == interrupted.fingerprint
-    a = torch.load(interrupted.path / "model.pt", weights_only=True)
-    b = torch.load(clean.path / "model.pt", weights_only=True)
-    assert interrupted.info["epoch"] == clean.info["epoch"]
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert_same_model(interrupted, clean_model)
 
 
-def test_lost_driver_rerun_of_the_same_run_continues_from_its_last_checkpoint(ray_cluster, tracker, tmp_path):
+def test_lost_driver_rerun_of_the_same_run_continues_from_its_last_checkpoint(ray_cluster, tracker, tmp_path,
+                                                                              clean_model):
     """The whole `itr train` (driver and its Ray) SIGKILLed after two checkpoints; rerunning the same stage
     resumes that run from its last checkpoint (same run name and storage path) and ends like a clean run."""
-    from tests.conftest import TINY_OVERRIDES
     from tests.integration.test_shard_stage import _kill_all
 
-    overrides = TINY_OVERRIDES + [f"train.epochs={EPOCHS}"]
-    cfg = load_config(None, overrides + [f"workdir={tmp_path / 'a'}"])
+    cfg = load_config(None, overrides() + [f"workdir={tmp_path / 'a'}"])
     features = run_stages(cfg, tracker, "extract")["extract"]
     temp_dir = Path(tempfile.mkdtemp(prefix="itr-", dir="/tmp"))  # short: Ray's socket paths are limited
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp_dir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "train", "jobs/configs/tiny.yaml", f"workdir={cfg.workdir}",
-         f"train.epochs={EPOCHS}", "train.system_metrics_seconds=0.5", f"tracking.uri={tracker.uri}"],
+         f"train.epochs={EPOCHS}", "train.max_failures=3", f"tracking.uri={tracker.uri}"],
         cwd=Path(__file__).parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     results = cfg.workdir_path / "ray_results"
@@ -106,10 +120,4 @@ def test_lost_driver_rerun_of_the_same_run_continues_from_its_last_checkpoint(ra
     history = MlflowClient(tracker.uri).get_metric_history(resumed.run_id, "val_rsum")
     epochs = sorted(m.step for m in history)
     assert epochs == list(range(epochs[0], EPOCHS)) and 1 <= epochs[0] <= done_before  # continued, not restarted
-    clean_cfg = load_config(None, overrides + [f"workdir={tmp_path / 'b'}"])
-    clean = run_train(clean_cfg, tracker, run_stages(clean_cfg, tracker, "extract")["extract"])
-    a = torch.load(resumed.path / "model.pt", weights_only=True)
-    b = torch.load(clean.path / "model.pt", weights_only=True)
-    assert resumed.info["epoch"] == clean.info["epoch"]
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert_same_model(resumed, clean_model)
