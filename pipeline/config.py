@@ -61,6 +61,7 @@ class FeaturesConfig:
 @dataclass
 class TrainConfig:
     method: str = "infonce"
+    mode: str = "features"  # features: a method on stored features | end_to_end: fine-tune features.model on shards
     epochs: int = 10
     batch_size: int = 512  # global batch, split over the workers
     lr: float = 1e-3

@@ -363,10 +363,38 @@ def load_trained(path: Path):
     return method.eval()
 
 
+def _train_fingerprint(tc, **inputs) -> str:
+    """Returns the train stage's fingerprint: its inputs and the train config, less where and how the run is
+    kept (storage path, failure retries, system-metrics interval)."""
+    operational = ("storage_path", "system_metrics_seconds", "max_failures")
+    return digest({**inputs, "train": {k: v for k, v in to_dict(tc).items() if k not in operational}})
+
+
+def _best_state(result, run_name: str, scored: bool) -> tuple[dict, object]:
+    """Returns (the state saved in the best checkpoint of a Ray Train result by `val_rsum` when `scored`, else
+    the last one; that checkpoint). Raises RuntimeError when the run left no checkpoint."""
+    from pipeline.train.loop import CHECKPOINT_FILE
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint ({result.error})")
+    chosen = result.get_best_checkpoint("val_rsum", "max") if scored else result.checkpoint
+    with chosen.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True), chosen
+
+
+def _log_trained(out: Path, t0: float, state: dict, result) -> None:
+    import mlflow
+
+    mlflow.log_metric("train_seconds", time.perf_counter() - t0)
+    mlflow.log_artifacts(str(out), artifact_path="model")
+    mlflow.log_metric("best_epoch", state["epoch"])
+    log(f"train: done in {time.perf_counter() - t0:.1f} s, kept epoch {state['epoch']}, final val rsum "
+        f"{(result.metrics or {}).get('val_rsum', float('nan')):.1f} -> {out}")
+
+
 def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResult:
     """Trains `train.method` on the store's train split with Ray Train (DDP, momentum queues synchronised
     across workers); returns `<workdir>/train/<fingerprint>` holding model.pt and method.json."""
-    import mlflow
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -383,9 +411,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
     cls = METHODS[tc.method]
     store_root, manifest = store.open_selection(features.path)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
-    operational = ("storage_path", "system_metrics_seconds", "max_failures")  # where and how, not what is trained
-    result_config = {k: v for k, v in to_dict(tc).items() if k not in operational}
-    fp = digest({"features": features.fingerprint, "train": result_config, "code": TRAIN_CODE_VERSION})
+    fp = _train_fingerprint(tc, features=features.fingerprint, code=TRAIN_CODE_VERSION)
     out = cfg.workdir_path / "train" / fp
     if hit := _cached(tracker, "train", fp, out, [features.run_id]):
         return hit
@@ -431,58 +457,117 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
         log(f"train: {tc.method} on {num_captions} captions, {tc.num_workers} workers x {steps_per_epoch} "
             f"steps x {tc.epochs} epochs")
         result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training run train-{fp} ended without a checkpoint ({result.error})")
-        chosen = result.get_best_checkpoint("val_rsum", "max") if best else result.checkpoint
-        with chosen.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        state, chosen = _best_state(result, f"train-{fp}", bool(best))
         with atomic_dir(out) as tmp:
             torch.save(state["model"], tmp / "model.pt")  # the best epoch by validation RSUM, else the last
             atomic_write_json(tmp / "method.json", {"name": tc.method, "kwargs": kwargs, "epoch": state["epoch"]})
             atomic_write_json(tmp / "final_metrics.json", result.metrics)
-        mlflow.log_metric("train_seconds", time.perf_counter() - t0)
-        mlflow.log_artifacts(str(out), artifact_path="model")
-        mlflow.log_metric("best_epoch", state["epoch"])
-        log(f"train: done in {time.perf_counter() - t0:.1f} s, kept epoch {state['epoch']}, final val rsum "
-            f"{result.metrics.get('val_rsum', float('nan')):.1f} -> {out}")
+        _log_trained(out, t0, state, result)
         return _commit(out, "train", fp, run_id, {"method": tc.method, "checkpoint": chosen.path,
                                                   "epoch": state["epoch"]})
 
 
+def run_train_end_to_end(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResult:
+    """Fine-tunes the `features` open_clip model straight from the shards (Ray Data feeding Ray Train DDP,
+    the same synchronised momentum queues); returns `<workdir>/train/<fingerprint>` holding model.pt (a plain
+    open_clip checkpoint of the best epoch by validation RSUM, else the last) and method.json."""
+    from pipeline.data.shard import read_manifest
+    from pipeline.train import end_to_end
+
+    tc, fc = cfg.train, cfg.features
+    fp = _train_fingerprint(tc, shards=shards.fingerprint, model=fc.model, pretrained=fc.pretrained, seed=fc.seed,
+                            code=end_to_end.CODE_VERSION)
+    out = cfg.workdir_path / "train" / fp
+    if hit := _cached(tracker, "train", fp, out, [shards.run_id]):
+        return hit
+    manifest = read_manifest(shards.path)
+    with stage_run(tracker, "train", fp, {"train": to_dict(tc), "features": to_dict(fc)}, [shards.run_id],
+                   inputs=manifest, input_name=f"{cfg.data.name}-shards", input_source=str(shards.path),
+                   input_digest=frame_digest(manifest[["shard", "sha256"]])) as run_id:
+        t0 = time.perf_counter()
+        log(f"train: end-to-end fine-tuning of {fc.model} from {len(manifest)} shards, {tc.num_workers} workers")
+        result = end_to_end.fit_end_to_end(shards.path, manifest, fc.model, fc.pretrained, to_dict(tc),
+                                           tc.storage_path or str(cfg.workdir_path / "ray_results"), f"train-{fp}",
+                                           tracker.uri, run_id, tc.num_workers, tc.use_gpu)
+        state, chosen = _best_state(result, f"train-{fp}", bool((manifest["split"] == "val").any()))
+        spec = {"mode": "end_to_end", "model": fc.model, "temperature": tc.temperature, "epoch": state["epoch"]}
+        with atomic_dir(out) as tmp:
+            torch.save(end_to_end.open_clip_state(state["model"]), tmp / "model.pt")
+            atomic_write_json(tmp / "method.json", spec)
+            atomic_write_json(tmp / "final_metrics.json", result.metrics)
+        _log_trained(out, t0, state, result)
+        return _commit(out, "train", fp, run_id, {"method": f"{fc.model} end-to-end", "mode": "end_to_end",
+                                                  "checkpoint": chosen.path, "epoch": state["epoch"]})
+
+
 # ---------------------------------------------------------------- eval
-def run_eval(cfg: Config, tracker: Tracker, features: StageResult, trained: StageResult) -> StageResult:
-    """Evaluates the trained method and, as a reference row, the frozen extractor's own global embeddings on
-    `eval.split`; writes metrics.json, table.md and recall.png under `<workdir>/eval/<fingerprint>`."""
+def embed_eval_split(trained: StageResult, source: StageResult, split_name: str) -> dict:
+    """Returns the trained model's embeddings of an eval split: {"image" (N, D), "text" (M, D), "caption_image"
+    (M,), "labels", "keys", and "reference": the frozen features' (image, text) embeddings when they share a
+    space, else None}. `source` is the extract (or import) stage for a method on features, the shard stage
+    for an end-to-end model."""
+    from pipeline.features import store
+
+    device = torch.device("cpu")
+    if trained.info.get("mode") == "end_to_end":
+        from pipeline.data.shard import read_committed
+        from pipeline.train import end_to_end
+
+        spec = json.loads((trained.path / "method.json").read_text())
+        manifest, index, _ = read_committed(source.path)
+        shards = list(manifest[manifest["split"] == split_name]["shard"])
+        paths = [str(storage.join(source.path, s)) for s in shards]
+        if not paths:
+            raise ValueError(f"eval split {split_name!r} has no shard")
+        model, preprocess, tokenizer = end_to_end.load_clip(spec["model"], str(trained.path / "model.pt"), device,
+                                                            temperature=spec["temperature"])
+        img, txt, caption_image, labels = end_to_end.embed_shards(model, preprocess, tokenizer, paths, device)
+        order = {s: i for i, s in enumerate(shards)}  # tars hold their samples in key order
+        keys = list(index[index["shard"].isin(order)].sort_values("key").sort_values(
+            "shard", key=lambda c: c.map(order), kind="stable")["key"])
+        return {"image": img, "text": txt, "caption_image": caption_image, "labels": labels, "keys": keys,
+                "reference": None}
+    from pipeline.train.loop import embed_split
+
+    method = load_trained(trained.path)
+    split = store.read_split(*store.open_selection(source.path), split_name,
+                             ("image_embed",) + tuple(method.image_inputs), ("text_embed",) + tuple(method.text_inputs))
+    img, txt = embed_split(method, method_inputs(split, method), device)
+    reference = (split.images["image_embed"], split.captions["text_embed"])
+    shared = reference[0].shape[1] == reference[1].shape[1]  # an imported region set has no joint space
+    return {"image": img, "text": txt, "caption_image": split.caption_image, "labels": split.labels,
+            "keys": list(split.keys), "reference": reference if shared else None}
+
+
+def run_eval(cfg: Config, tracker: Tracker, source: StageResult, trained: StageResult) -> StageResult:
+    """Evaluates the trained model and, as a reference row, the frozen extractor's own global embeddings on
+    `eval.split`; writes metrics.json, table.md and recall.png under `<workdir>/eval/<fingerprint>`. `source`:
+    as `embed_eval_split`."""
     import mlflow
 
     from pipeline.eval.report import evaluate_split, write_report
-    from pipeline.features import store
-    from pipeline.train.loop import embed_split
 
     ec = cfg.eval
-    method = load_trained(trained.path)
-    split = store.read_split(*store.open_selection(features.path), ec.split,
-                             ("image_embed",) + tuple(method.image_inputs), ("text_embed",) + tuple(method.text_inputs))
-    fp = digest({"train": trained.fingerprint, "features": features.fingerprint, "eval": to_dict(ec)})
-    upstream = [features.run_id, trained.run_id]
+    emb = embed_eval_split(trained, source, ec.split)
+    fp = digest({"train": trained.fingerprint, "features": source.fingerprint, "eval": to_dict(ec)})
+    upstream = [source.run_id, trained.run_id]
     with stage_run(tracker, "eval", fp, {"eval": to_dict(ec)}, upstream,
-                   inputs=pd.DataFrame({"key": split.keys}), input_name=f"{cfg.data.name}-{ec.split}",
-                   input_source=str(features.path)) as run_id:
-        img, txt = embed_split(method, method_inputs(split, method), torch.device("cpu"))
+                   inputs=pd.DataFrame({"key": emb["keys"]}), input_name=f"{cfg.data.name}-{ec.split}",
+                   input_source=str(source.path)) as run_id:
         trained_name = f"{trained.info.get('method', 'trained')} (trained)"
         rows, ranks = {}, {}
-        rows[trained_name], ranks["trained"] = evaluate_split(img, txt, split.caption_image, split.labels, ec)
-        frozen = split.images["image_embed"].shape[1] == split.captions["text_embed"].shape[1]
-        if frozen:  # the extractor's own joint space (an imported region set has none)
+        rows[trained_name], ranks["trained"] = evaluate_split(emb["image"], emb["text"], emb["caption_image"],
+                                                              emb["labels"], ec)
+        if emb["reference"] is not None:
             rows["frozen features (untrained)"], ranks["frozen features"] = evaluate_split(
-                split.images["image_embed"], split.captions["text_embed"], split.caption_image, split.labels, ec)
+                *emb["reference"], emb["caption_image"], emb["labels"], ec)
         ceiling = synthetic_ceiling(cfg)
         if ceiling:
             rows["perfect-model ceiling"] = ceiling
         metrics = dict(rows[trained_name])
         metrics.update({f"frozen_{k}": v for k, v in rows.get("frozen features (untrained)", {}).items()})
         metrics.update({f"ceiling_{k}": v for k, v in (ceiling or {}).items()})
-        metrics.update(num_images=len(split.keys), num_captions=len(split.caption_image))
+        metrics.update(num_images=len(emb["keys"]), num_captions=len(emb["caption_image"]))
         out = cfg.workdir_path / "eval" / fp
         with atomic_dir(out) as tmp:
             table = write_report(tmp, rows, ranks, metrics, ec.ks, ceiling)
@@ -570,10 +655,17 @@ def run_stages(cfg: Config, tracker: Tracker, last: str = "eval", zero_shot: boo
     if zero_shot:
         results["zero-shot"] = run_zero_shot(cfg, tracker, results["shard"])
         return results
-    if stop >= 2 and "extract" not in results:
+    end_to_end = cfg.train.mode == "end_to_end"
+    if cfg.train.mode not in ("features", "end_to_end"):
+        raise ValueError(f"train.mode: expected features or end_to_end, got {cfg.train.mode!r}")
+    if end_to_end and "shard" not in results:
+        raise ValueError(f"train.mode=end_to_end needs images: data.source={cfg.data.source} has none")
+    if "extract" not in results and (stop == 2 or (stop >= 2 and not end_to_end)):
         results["extract"] = run_extract(cfg, tracker, results["shard"])
     if stop >= 3:
-        results["train"] = run_train(cfg, tracker, results["extract"])
+        results["train"] = (run_train_end_to_end(cfg, tracker, results["shard"]) if end_to_end
+                            else run_train(cfg, tracker, results["extract"]))
     if stop >= 4:
-        results["eval"] = run_eval(cfg, tracker, results["extract"], results["train"])
+        source = results["shard"] if end_to_end else results["extract"]
+        results["eval"] = run_eval(cfg, tracker, source, results["train"])
     return results

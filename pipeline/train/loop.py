@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -124,21 +125,27 @@ def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: Moment
     return result
 
 
+def worker_context(config: dict) -> tuple[int, int, torch.device, str]:
+    """Returns (rank, world size, device, resolved autocast precision) of a Ray Train worker; on CPU, sets
+    torch's threads to `config["threads_per_worker"]`."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    device = pick_device(config["train"]["use_gpu"])
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    return ctx.get_world_rank(), ctx.get_world_size(), device, resolve_precision("auto", device)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config`: method, method_kwargs, init_state (the method's initial state dict,
     standardisation included), train (TrainConfig as dict), features_ref, threads_per_worker, mlflow_uri,
     mlflow_run_id, steps_per_epoch."""
     import ray
-    import ray.train
     import ray.train.torch
 
     tc = config["train"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = pick_device(tc["use_gpu"])
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    precision = resolve_precision("auto", device)
+    rank, world, device, precision = worker_context(config)
     features = ray.get(config["features_ref"])
     train_split, val_split = features["train"], features.get("val")
 
@@ -148,8 +155,27 @@ def train_loop_per_worker(config: dict) -> None:
     method.to(device)
     momentum, optimizer, scheduler = new_training_state(method, tc, config["steps_per_epoch"], device)
     model = ray.train.torch.prepare_model(method)
-    start_epoch, step = 0, 0
 
+    def batches(epoch: int):
+        rows = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
+        return (make_batch(train_split, caption_rows, device) for caption_rows in rows)
+
+    validate_epoch = None if val_split is None else lambda: validate(method, val_split, device)
+    run_epochs(config, tc, model, method, momentum, optimizer, scheduler, batches, validate_epoch, device, precision)
+
+
+def run_epochs(config: dict, tc: dict, model: torch.nn.Module, method: torch.nn.Module, momentum: MomentumState,
+               optimizer, scheduler, batches: Callable[[int], Iterable[dict]],
+               validate_epoch: Callable[[], dict[str, float]] | None, device: torch.device, precision: str) -> None:
+    """The epochs of a Ray Train worker, whatever feeds it: resumes from `ray.train.get_checkpoint()` (model,
+    momentum twin and queues, optimizer, scheduler, rng, epoch, step), then per epoch runs `train_step` on
+    every batch of `batches(epoch)`, adds `validate_epoch()` (every rank calls it) and the queue checksum and
+    cross-rank sync error to the metrics, logs them to MLflow from rank 0 (`mlflow_run_id` in `config`) and
+    reports them with a checkpoint written by rank 0. Every rank must get the same number of batches."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -178,22 +204,22 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         step_metrics = []
-        batches = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
-        for caption_rows in batches:
-            parts = train_step(model, method, momentum, optimizer, scheduler,
-                               make_batch(train_split, caption_rows, device), tc, precision, device)
+        steps = 0
+        for batch in batches(epoch):
+            parts = train_step(model, method, momentum, optimizer, scheduler, batch, tc, precision, device)
             step += 1
+            steps += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             if client is not None and step % LOG_EVERY_STEPS == 0:
                 now = int(time.time() * 1000)
                 step_metrics += [Metric(f"step_{k}", v, now, step) for k, v in parts.items()]
         queue_seconds = sums.pop("queue_gather_seconds", 0.0)
-        metrics = {f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics["queue_gather_seconds"] = queue_seconds
         metrics.update(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - t0)
-        if val_split is not None:
-            metrics.update(validate(method, val_split, device))
+        if validate_epoch is not None:
+            metrics.update(validate_epoch())
         if momentum.image_queue is not None:
             checksum = momentum.image_queue.checksum() + momentum.text_queue.checksum()
             every_rank = all_gather_no_grad(torch.tensor([checksum], dtype=torch.float64, device=device))
