@@ -370,6 +370,13 @@ def _train_fingerprint(tc, **inputs) -> str:
     return digest({**inputs, "train": {k: v for k, v in to_dict(tc).items() if k not in operational}})
 
 
+def _run_storage(cfg: Config) -> dict:
+    """Returns {"storage_path", "storage_filesystem"} of the training runs: `train.storage_path` (a shared path
+    or s3://...), default `<workdir>/ray_results`."""
+    path, fs = storage.ray_storage(cfg.train.storage_path or cfg.workdir_path / "ray_results")
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def _best_state(result, run_name: str, scored: bool) -> tuple[dict, object]:
     """Returns (the state saved in the best checkpoint of a Ray Train result by `val_rsum` when `scored`, else
     the last one; that checkpoint). Raises RuntimeError when the run left no checkpoint."""
@@ -449,7 +456,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult) -> StageResu
             scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=f"train-{fp}", storage_path=tc.storage_path or str(cfg.workdir_path / "ray_results"),
+                name=f"train-{fp}", **_run_storage(cfg),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, **best),
                 failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             ),
@@ -487,7 +494,7 @@ def run_train_end_to_end(cfg: Config, tracker: Tracker, shards: StageResult) -> 
         t0 = time.perf_counter()
         log(f"train: end-to-end fine-tuning of {fc.model} from {len(manifest)} shards, {tc.num_workers} workers")
         result = end_to_end.fit_end_to_end(shards.path, manifest, fc.model, fc.pretrained, to_dict(tc),
-                                           tc.storage_path or str(cfg.workdir_path / "ray_results"), f"train-{fp}",
+                                           _run_storage(cfg), f"train-{fp}",
                                            tracker.uri, run_id, tc.num_workers, tc.use_gpu)
         state, chosen = _best_state(result, f"train-{fp}", bool((manifest["split"] == "val").any()))
         spec = {"mode": "end_to_end", "model": fc.model, "temperature": tc.temperature, "epoch": state["epoch"]}

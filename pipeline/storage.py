@@ -1,13 +1,15 @@
-"""Locations that are local paths or fsspec URIs (`s3://bucket/prefix`, `gs://...`, `file:///...`).
+"""Locations that are local paths or URIs that pyarrow's filesystems understand (`s3://bucket/prefix`,
+`gs://...`, `hdfs://...`), the same filesystems Ray Train writes checkpoints through.
 
 Local paths stay `Path`s and use the atomic write-aside-then-rename of `pipeline.io`. A URI is a `str`; on an
 object store a written object becomes visible only when its upload completes, so a single put is atomic too.
-S3 credentials and endpoint come from the usual AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_ENDPOINT_URL_S3` for an S3-compatible server) of every node.
+S3 credentials, region and endpoint come from the usual AWS environment of every node (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible server).
 """
 from __future__ import annotations
 
 import io
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pandas as pd
@@ -36,18 +38,44 @@ def join(location: Location, *parts: str) -> Location:
     return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _fs(location: Location):
-    from fsspec.core import url_to_fs
+def filesystem(location: str):
+    """Returns (pyarrow filesystem, path inside it) of a URI. `s3://` uses `S3FileSystem()` configured from the
+    environment (no region lookup call, so an S3-compatible endpoint works)."""
+    import os
 
-    return url_to_fs(str(location))
+    import pyarrow.fs as pafs
+
+    if location.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region) if region else pafs.S3FileSystem(
+            endpoint_override=endpoint)
+        return fs, location[len("s3://"):].rstrip("/")
+    return pafs.FileSystem.from_uri(location)
+
+
+def ray_storage(location: Location) -> tuple[str, object]:
+    """Returns (storage_path, storage_filesystem) for Ray Train's `RunConfig`: a local path and None, or the
+    path inside the URI's filesystem and that filesystem (so an S3-compatible endpoint is honoured)."""
+    if not is_uri(location):
+        return str(as_location(location)), None
+    fs, path = filesystem(str(location))
+    return path, fs
+
+
+def _info(location: str):
+    fs, path = filesystem(location)
+    return fs, path, fs.get_file_info(path)
 
 
 def read_bytes(location: Location) -> bytes:
     """Returns the bytes of a file or object; raises FileNotFoundError when it does not exist."""
     if not is_uri(location):
         return Path(location).read_bytes()
-    fs, path = _fs(location)
-    with fs.open(path, "rb") as f:
+    fs, path, info = _info(location)
+    if info.type.name != "File":
+        raise FileNotFoundError(f"no such object: {location}")
+    with fs.open_input_stream(path) as f:
         return f.read()
 
 
@@ -56,45 +84,55 @@ def write_bytes(location: Location, data: bytes) -> None:
     if not is_uri(location):
         atomic_write_bytes(location, data)
         return
-    fs, path = _fs(location)
-    fs.pipe_file(path, data)
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
 
 
 def exists(location: Location) -> bool:
     """True when the file or object exists."""
     if not is_uri(location):
         return Path(location).exists()
-    fs, path = _fs(location)
-    return fs.exists(path)
+    return _info(location)[2].type.name != "NotFound"
 
 
 def is_dir(location: Location) -> bool:
     """True when the folder (or object prefix) exists."""
     if not is_uri(location):
         return Path(location).is_dir()
-    fs, path = _fs(location)
-    return fs.isdir(path)
+    return _info(location)[2].type.name == "Directory"
 
 
 def stat_marker(location: Location) -> str:
-    """Returns a cheap change marker: `size:mtime_ns` of a local file, `size:ETag` (or mtime) of an object.
-    Raises OSError (FileNotFoundError) when it does not exist."""
+    """Returns a cheap change marker, `size:mtime_ns` of a file or object. Raises FileNotFoundError when it
+    does not exist."""
     if not is_uri(location):
         st = Path(location).stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
-    fs, path = _fs(location)
-    info = fs.info(path)
-    return f"{info['size']}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+    _, _, info = _info(location)
+    if info.type.name != "File":
+        raise FileNotFoundError(f"no such object: {location}")
+    return f"{info.size}:{info.mtime_ns}"
 
 
 def list_files(location: Location, pattern: str) -> list[str]:
-    """Returns the names relative to `location` of the files matching `pattern` (glob, e.g. `*/*.tar`)."""
+    """Returns the names relative to `location` of the files matching `pattern`, a glob whose `*` does not
+    cross `/` (e.g. `*/*.tar`)."""
     if not is_uri(location):
         root = Path(location)
         return sorted(p.relative_to(root).as_posix() for p in root.glob(pattern) if p.is_file())
-    fs, path = _fs(location)
-    path = path.rstrip("/")
-    return sorted(p[len(path) + 1:] for p in fs.glob(f"{path}/{pattern}"))
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    parts = pattern.split("/")
+    names = []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        name = info.path[len(path) + 1:]
+        components = name.split("/")
+        if info.type.name == "File" and len(components) == len(parts) and all(
+                fnmatchcase(c, p) for c, p in zip(components, parts)):
+            names.append(name)
+    return sorted(names)
 
 
 def remove(location: Location) -> None:
@@ -102,9 +140,9 @@ def remove(location: Location) -> None:
     if not is_uri(location):
         Path(location).unlink(missing_ok=True)
         return
-    fs, path = _fs(location)
-    if fs.exists(path):
-        fs.rm_file(path)
+    fs, path, info = _info(location)
+    if info.type.name == "File":
+        fs.delete_file(path)
 
 
 def read_parquet(location: Location) -> pd.DataFrame:

@@ -46,8 +46,9 @@ def test_stages_fine_tune_from_the_shards_with_identical_queues_and_evaluate(ray
 
     # the same run (name, storage path) with a third epoch resumes from its last checkpoint
     manifest = read_manifest(results["shard"].path)
+    storage = {"storage_path": str(cfg.workdir_path / "ray_results")}
     resumed = fit_end_to_end(results["shard"].path, manifest, "itr-vit-micro-32", None,
-                             to_dict(cfg.train) | {"epochs": 3}, str(cfg.workdir_path / "ray_results"),
+                             to_dict(cfg.train) | {"epochs": 3}, storage,
                              f"train-{trained.fingerprint}", tracker.uri, trained.run_id, num_workers=2, use_gpu=False)
     assert resumed.metrics["epoch"] == 2 and resumed.metrics["step"] == 3 * (200 // 40)
     assert resumed.metrics["queue_sync_error"] == 0.0

@@ -4,6 +4,7 @@ on S3."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -25,15 +26,23 @@ def _coco_layout(synth_root, folder):
     return folder
 
 
+def _bucket(name: str):
+    """Returns the S3 filesystem after creating bucket `name` on the test server."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+    fs.create_dir(name)
+    return fs
+
+
 def test_dataset_and_shards_on_s3_match_a_local_run(ray_cluster, tracker, tmp_path, synth_root, s3_server):
-    import s3fs
+    import pyarrow.fs as pafs
 
     from tests.conftest import TINY_OVERRIDES
 
     local = _coco_layout(synth_root, tmp_path / "coco")
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("itr-test")
-    fs.put(str(local), "itr-test/coco", recursive=True)
+    fs = _bucket("itr-test")
+    pafs.copy_files(str(local), "itr-test/coco", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     common = TINY_OVERRIDES + ["data.source=coco", "data.name=coco", "shard.shard_size=50"]
     remote = load_config(None, common + [f"workdir={tmp_path / 'w3'}", "data.root=s3://itr-test/coco",
                                          "shard.output=s3://itr-test/shards"])
@@ -41,8 +50,8 @@ def test_dataset_and_shards_on_s3_match_a_local_run(ray_cluster, tracker, tmp_pa
     assert results["shard"].path == "s3://itr-test/shards/coco"
     manifest = read_manifest(results["shard"].path)
     assert int(manifest["num_samples"].sum()) == 340
-    assert sorted(fs.ls("itr-test/shards/coco/test")) == ["itr-test/shards/coco/test/shard-000000.tar",
-                                                          "itr-test/shards/coco/test/shard-000001.tar"]
+    assert storage.list_files("s3://itr-test/shards/coco", "test/*") == ["test/shard-000000.tar",
+                                                                          "test/shard-000001.tar"]
     # the same dataset from a local folder into a local shard folder: byte-identical tars
     reference = run_stages(load_config(None, common + [f"workdir={tmp_path / 'w'}", f"data.root={local}"]),
                            tracker, "shard")["shard"]
@@ -62,18 +71,14 @@ def test_dataset_and_shards_on_s3_match_a_local_run(ray_cluster, tracker, tmp_pa
 
 def test_training_checkpoints_on_s3(ray_cluster, tracker, tmp_path, s3_server):
     """Ray Train's storage_path on S3: checkpoints land in the bucket and the stage loads the best one from it."""
-    import s3fs
-
     from tests.conftest import TINY_OVERRIDES
 
-    fs = s3fs.S3FileSystem()
-    if not fs.exists("itr-ckpt"):
-        fs.mkdir("itr-ckpt")
+    _bucket("itr-ckpt")
     local = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}"])
     remote = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}", "train.storage_path=s3://itr-ckpt/runs"])
     trained = run_stages(remote, tracker, "train")["train"]
     assert not (tmp_path / "w" / "ray_results").exists()
-    checkpoints = fs.glob(f"itr-ckpt/runs/train-{trained.fingerprint}/checkpoint_*/state.pt")
+    checkpoints = storage.list_files(f"s3://itr-ckpt/runs/train-{trained.fingerprint}", "checkpoint_*/state.pt")
     assert len(checkpoints) == 2  # one per epoch, num_to_keep=2
     assert (trained.path / "model.pt").is_file()
     assert trained.fingerprint == run_stages(local, tracker, "train")["train"].fingerprint  # where is not what

@@ -166,4 +166,4 @@ def test_fit_refuses_batches_that_cannot_run_before_starting_anything(tiny_shard
     shard_dir, manifest = tiny_shards
     tc = dataclasses.asdict(TrainConfig(batch_size=40, queue_size=80)) | change
     with pytest.raises(ValueError, match=match):
-        fit_end_to_end(shard_dir, manifest, MODEL, None, tc, "unused", "unused", None, None, 2, False)
+        fit_end_to_end(shard_dir, manifest, MODEL, None, tc, {}, "unused", None, None, 2, False)
