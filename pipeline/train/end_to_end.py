@@ -223,11 +223,11 @@ def train_end_to_end_per_worker(config: dict) -> None:
 
 
 def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_name: str, pretrained: str | None,
-                   tc: dict, storage: dict, run_name: str, mlflow_uri: str | None, mlflow_run_id: str | None,
+                   tc: dict, run_storage: dict, run_name: str, mlflow_uri: str | None, mlflow_run_id: str | None,
                    num_workers: int, use_gpu: bool) -> ray.train.Result:
     """Fine-tunes `model_name` on the train split of the shard folder `shard_dir` (`manifest`: its shard
     manifest frame) with Ray Train, validating each epoch on the val split when there is one; returns the
-    `ray.train.Result`. `storage`: RunConfig's storage_path (and storage_filesystem). Its checkpoints hold
+    `ray.train.Result`. `run_storage`: RunConfig's storage_path (and storage_filesystem). Its checkpoints hold
     `state.pt` (see `run_epochs`): state["model"] is the
     `ClipFineTune` state dict (`open_clip_state` turns it into an open_clip checkpoint); with a val split they
     are ranked by val_rsum. `tc` is TrainConfig as a dict (its embed_dim is replaced by the model's).
@@ -264,7 +264,7 @@ def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_na
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_name, **storage,
+            name=run_name, **run_storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, **({"checkpoint_score_attribute": "val_rsum", "checkpoint_score_order": "max"}
                                   if len(val) else {})),
