@@ -1,8 +1,10 @@
 """Shard stage core: samples -> deterministic, append-only WebDataset tars in one folder per dataset.
 
 Each tar holds, per sample in key order, `KEY.jpg` (the image), `KEY.json` (all captions, labels, ids,
-split) and `KEY.txt` (the first caption, for open_clip's webdataset loader). Members carry fixed metadata
-(mtime 0, uid/gid 0, no user names, mode 0644), so the same samples give byte-identical tars.
+split; for a sample with object boxes also `boxes`, [x0, y0, x1, y1] in pixels of the original image, and
+`box_labels`, their category names) and `KEY.txt` (the first caption, for open_clip's webdataset loader).
+Members carry fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644), so the same samples give
+byte-identical tars.
 
 The folder is append-only. `manifest.parquet` (one row per tar) is the commit record: a tar counts only
 once its row is there, and a run first deletes any tar that is not (what a killed run left). A run shards
@@ -71,8 +73,11 @@ def check_splits(splits: set[str], required: list[str]) -> None:
 
 
 def text_sha(sample: Sample) -> str:
-    """Returns a sha256 prefix of the sample's captions and labels."""
+    """Returns a sha256 prefix of the sample's captions and labels, and of its boxes and box labels when it has
+    boxes (a box-less sample keeps the digest it had before samples carried boxes)."""
     text = "\n".join(sample.captions) + "\x00" + ",".join(sample.labels)
+    if sample.boxes:
+        text += "\x00" + json.dumps([sample.boxes, sample.box_labels])
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -193,9 +198,11 @@ def image_jpeg_bytes(sample: Sample, quality: int) -> tuple[bytes, str]:
 
 
 def sample_json(sample: Sample) -> bytes:
-    """Returns the `KEY.json` member: captions, labels, split and source ids."""
+    """Returns the `KEY.json` member: captions, labels, split and source ids, and `boxes` and `box_labels` when
+    the sample has boxes (a box-less sample's member is the same as before samples carried boxes)."""
+    boxes = {"boxes": sample.boxes, "box_labels": sample.box_labels} if sample.boxes else {}
     record = {"key": sample.key, "captions": sample.captions, "labels": sample.labels,
-              "split": sample.split, **sample.meta}
+              "split": sample.split, **boxes, **sample.meta}
     return json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 

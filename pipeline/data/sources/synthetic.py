@@ -2,7 +2,9 @@
 
 `generate` writes, under one folder: a Karpathy split file (`dataset_synthetic.json`), JPEG images
 (`images/`), NUS-WIDE-style label files (`Concepts81.txt`, `ImageList/`, `Groundtruth/AllLabels/`,
-`NUS_WID_Tags/`), the retrieval ceiling (`ceiling.json`) and a summary (`synth.json`, written last).
+`NUS_WID_Tags/`), the objects' boxes in the COCO instances format (`annotations/instances.json`: one
+category per shape, the tight box of each drawn object), the retrieval ceiling (`ceiling.json`) and a
+summary (`synth.json`, written last).
 
 Each scene has 1..max_objects objects (shape, colour, size, grid cell; no two share shape and colour).
 Each image has 5 distinct captions describing all of its objects; each caption keeps its meaning as
@@ -26,12 +28,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.data.instances import attach_boxes, read_coco_instances
 from pipeline.data.karpathy import read_karpathy
 from pipeline.data.sample import Rejected, Sample
 from pipeline.data.sources.nuswide import read_concept_labels
 from pipeline.io import atomic_dir
 
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: annotations/instances.json (object boxes)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
@@ -58,6 +61,7 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 KARPATHY_FILE = "dataset_synthetic.json"
+INSTANCES_FILE = "annotations/instances.json"
 IMAGE_DIR = "images"
 SPLITS = ("train", "val", "test")
 CEILING_SPLITS = ("test", "val")
@@ -190,18 +194,29 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
     background = rng.integers(8, 40, size=3).astype(np.float32) + 5.0 * noise
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    cell = image_size / 3
     for obj in scene.objects:
-        row, col = divmod(POSITIONS.index(obj.position), 3)
-        radius = SIZE_RADIUS[obj.size] * cell
-        slack = (cell / 2 - radius) * JITTER
-        x = (col + 0.5) * cell + obj.jitter_x * slack
-        y = (row + 0.5) * cell + obj.jitter_y * slack
-        _draw_shape(draw, obj.shape, x, y, radius, COLOUR_RGB[obj.colour])
+        _draw_shape(draw, obj.shape, *object_placement(obj, image_size), COLOUR_RGB[obj.colour])
     return image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, fill: tuple) -> None:
+def object_placement(obj: SceneObject, image_size: int) -> tuple[float, float, float]:
+    """Returns (x, y, r): the centre and radius in pixels at which `obj` is drawn in an image_size image."""
+    cell = image_size / 3
+    row, col = divmod(POSITIONS.index(obj.position), 3)
+    radius = SIZE_RADIUS[obj.size] * cell
+    slack = (cell / 2 - radius) * JITTER
+    return (col + 0.5) * cell + obj.jitter_x * slack, (row + 0.5) * cell + obj.jitter_y * slack, radius
+
+
+def object_box(obj: SceneObject, image_size: int) -> list[float]:
+    """Returns the tight [x0, y0, x1, y1] pixel box of `obj` as `render_scene` draws it: its pixels are the
+    columns x0 .. x1 - 1 and the rows y0 .. y1 - 1."""
+    mask = Image.new("1", (image_size, image_size))
+    _draw_shape(ImageDraw.Draw(mask), obj.shape, *object_placement(obj, image_size), 1)
+    return [float(v) for v in mask.getbbox()]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, fill: tuple | int) -> None:
     if shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif shape == "square":
@@ -455,6 +470,19 @@ def _write_labels(out: Path, filenames: Sequence[str], concepts: Sequence[list[s
     )
 
 
+def _instances(filenames: Sequence[str], scenes: Sequence[Scene], image_size: int) -> dict:
+    """COCO instances layout: one category per shape, one annotation per object with its tight box."""
+    images, annotations = [], []
+    for index, (name, scene) in enumerate(zip(filenames, scenes)):
+        images.append({"id": index, "file_name": name, "width": image_size, "height": image_size})
+        for obj in scene.objects:
+            x0, y0, x1, y1 = object_box(obj, image_size)
+            annotations.append({"id": len(annotations) + 1, "image_id": index, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "category_id": SHAPES.index(obj.shape) + 1, "iscrowd": 0})
+    categories = [{"id": i + 1, "name": shape} for i, shape in enumerate(SHAPES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
 def _write_preview(out: Path, filenames: Sequence[str], texts: Sequence[str], path: Path) -> None:
     """Draws a grid of images, each with one of its captions, to a PNG: what the set looks like."""
     import matplotlib
@@ -510,7 +538,10 @@ def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val:
                               for c, s in zip(image_captions, sentids)],
             })
         _write_json(out / KARPATHY_FILE, {"dataset": "synthetic", "images": entries}, indent=None)  # big: compact
-        _write_labels(out, [e["filename"] for e in entries], [concepts_of(s) for s in scenes])
+        filenames = [e["filename"] for e in entries]
+        _write_labels(out, filenames, [concepts_of(s) for s in scenes])
+        (out / INSTANCES_FILE).parent.mkdir()
+        _write_json(out / INSTANCES_FILE, _instances(filenames, scenes, image_size), indent=None)
         ceiling = {}
         for split in CEILING_SPLITS:
             members = [i for i, s in enumerate(image_splits) if s == split]
@@ -534,11 +565,11 @@ def read_ceiling(root: str | Path) -> dict:
 
 
 def load_samples(root: str | Path, name: str) -> tuple[list[Sample], list[Rejected]]:
-    """Returns (one `Sample` per generated image (key `{name}-{imgid}`, image = file path) with its 5 captions
-    and its concept labels, the rejected entries of the split file)."""
+    """Returns (one `Sample` per generated image (key `{name}-{imgid}`, image = file path) with its 5 captions,
+    its concept labels and its objects' boxes, the rejected entries of the split file)."""
     root = Path(root)
     samples, rejected = read_karpathy(root / KARPATHY_FILE, root, key_prefix=name)
     labels = read_concept_labels(root)
     for sample in samples:
         sample.labels = labels[sample.meta["filename"]]
-    return samples, rejected
+    return attach_boxes(samples, rejected, *read_coco_instances(root / INSTANCES_FILE))
