@@ -55,7 +55,7 @@ class FeaturesConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     batch_size: int = 256
     num_gpus: float = 0.0  # per extraction actor
-    store_tokens: bool = True  # keep patch tokens and per-token text features
+    store_tokens: bool = True  # keep patch tokens with their boxes, RoIAlign regions of object boxes, per-token text
 
 
 @dataclass

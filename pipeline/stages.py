@@ -263,7 +263,7 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
                 fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),
                                        "run_id": run_id, "threads": threads},
                 batch_size=1,
-                compute=ActorPoolStrategy(min_size=1, max_size=actors),
+                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),  # one shard queued per actor: no idle tail
                 num_cpus=threads if gpus == 0 else 1,
                 num_gpus=gpus,
             )

@@ -5,11 +5,17 @@ loads the model once and calls it for each shard it is given.
 """
 from __future__ import annotations
 
+import ctypes
 import io
+import os
 import resource
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -21,29 +27,43 @@ from pipeline.features import store
 from pipeline.features.extractors import get_extractor
 from pipeline.features.precision import pick_device
 
+_PREPARE: list[ThreadPoolExecutor] = []  # one thread for the process, reused by every shard
+_PREPARE_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_PREPARE.clear)  # a forked child has no copy of the thread
+
+
+def _prepare_pool() -> ThreadPoolExecutor:
+    """Returns the process's batch-preparing thread (one, so that shard after shard reuses its heap arena)."""
+    with _PREPARE_LOCK:
+        if not _PREPARE:
+            _PREPARE.append(ThreadPoolExecutor(1, thread_name_prefix="extract-prepare"))
+        return _PREPARE[0]
+
+
+def _steps(module: ModuleType) -> dict[str, tuple[Callable, Callable]]:
+    """Returns {"image": (prepare, encode), "text": (prepare, encode)} of an extractor module. `prepare(ext, images,
+    boxes)` / `prepare(ext, captions)` turns decoded images (with their annotated xyxy pixel boxes) / caption strings
+    into model inputs (runs in a background thread); `encode(ext, inputs,
+    with_tokens)` runs the model. Modules without `preprocess_images` / `tokenize` prepare nothing."""
+    def keep(ext, items, *_):
+        return items
+
+    image = (getattr(module, "preprocess_images", keep), getattr(module, "encode_pixels", module.encode_images))
+    text = (getattr(module, "tokenize", keep), getattr(module, "encode_tokens", module.encode_texts))
+    return {"image": image, "text": text}
+
 
 def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir: str | Path, stem: str,
                   batch_size: int, with_tokens: bool, progress: bool = False) -> dict:
     """Encodes every image and caption of one tar and writes `<stem>.images/.captions.parquet` atomically
     into `out_dir`; returns {images_file, captions_file (names in out_dir), num_images, num_captions, seconds}.
 
-    Identical caption strings within the shard are encoded once."""
+    Identical caption strings within the shard are encoded once. A background thread decodes and preprocesses
+    (or tokenises) the next batch while the model runs on the current one."""
     t0 = time.perf_counter()
     samples = read_shard(shard_path)
     if not samples:
         raise ValueError(f"shard {shard_path} holds no sample")
-    img_parts: dict[str, list] = {}
-    for start in tqdm(range(0, len(samples), batch_size), desc=f"images {Path(shard_path).name}", disable=not progress):
-        chunk = samples[start:start + batch_size]
-        try:
-            images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in chunk]
-        except Exception as err:  # PIL raises many types for corrupt data
-            raise ValueError(f"shard {shard_path}: an image of {chunk[0]['key']}..{chunk[-1]['key']} "
-                             f"cannot be decoded ({err})") from err
-        for k, v in module.encode_images(extractor, images, with_tokens).items():
-            img_parts.setdefault(k, []).append(v)
-    image_arrays = {k: np.concatenate(v) for k, v in img_parts.items()}
-
     cap_keys, cap_index, cap_text = [], [], []
     for s in samples:
         for i, c in enumerate(s["json"]["captions"]):
@@ -51,16 +71,41 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir
             cap_index.append(i)
             cap_text.append(c)
     unique, inverse = np.unique(np.array(cap_text, dtype=object), return_inverse=True)
-    txt_parts: dict[str, list] = {}
-    for start in range(0, len(unique), batch_size):
-        for k, v in module.encode_texts(extractor, list(unique[start:start + batch_size]), with_tokens).items():
-            txt_parts.setdefault(k, []).extend(v if isinstance(v, list) else [v])
-    text_arrays = {}
-    for k, parts in txt_parts.items():
-        if k == "text_tokens":
-            text_arrays[k] = [parts[j] for j in inverse]
-        else:
-            text_arrays[k] = np.concatenate(parts)[inverse]
+    steps = _steps(module)
+
+    def prepare(kind: str, start: int) -> Any:
+        if kind == "text":
+            return steps[kind][0](extractor, list(unique[start:start + batch_size]))
+        chunk = samples[start:start + batch_size]
+        try:
+            images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in chunk]
+        except Exception as err:  # PIL raises many types for corrupt data
+            raise ValueError(f"shard {shard_path}: an image of {chunk[0]['key']}..{chunk[-1]['key']} "
+                             f"cannot be decoded ({err})") from err
+        return steps[kind][0](extractor, images, [s["json"].get("boxes", []) for s in chunk])
+
+    batches = [("image", start) for start in range(0, len(samples), batch_size)]
+    batches += [("text", start) for start in range(0, len(unique), batch_size)]
+    parts: dict[str, dict[str, list]] = {"image": {}, "text": {}}
+    ragged: set[str] = set()
+    pool = _prepare_pool()
+    pending = pool.submit(prepare, *batches[0])
+    try:
+        for n, (kind, _) in enumerate(tqdm(batches, desc=f"batches {Path(shard_path).name}", disable=not progress)):
+            inputs = pending.result()
+            if n + 1 < len(batches):
+                pending = pool.submit(prepare, *batches[n + 1])
+            for k, v in steps[kind][1](extractor, inputs, with_tokens).items():
+                if isinstance(v, list):  # one array per item (variable length)
+                    ragged.add(k)
+                parts[kind].setdefault(k, []).extend(v if isinstance(v, list) else [v])
+            del inputs
+    finally:
+        if not pending.cancel():
+            pending.exception()  # waits for a batch still being prepared, so none outlives the call
+    image_arrays = {k: v if k in ragged else np.concatenate(v) for k, v in parts["image"].items()}
+    text_arrays = {k: [v[j] for j in inverse] if k in ragged else np.concatenate(v)[inverse]
+                   for k, v in parts["text"].items()}
 
     images_file, captions_file = store.write_shard(
         Path(out_dir), stem,
@@ -71,10 +116,20 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir
             "num_captions": len(cap_text), "seconds": time.perf_counter() - t0}
 
 
+def release_free_memory() -> None:
+    """Returns the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere), so that freed
+    batch buffers do not pile up as fragmented heap from one shard to the next."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the symbols already loaded into the process, libc's among them
+    except (OSError, AttributeError):
+        pass
+
+
 class ShardFeatureWriter:
     """Ray Data actor: loads the extractor once; each call extracts the shards of a batch of manifest rows
-    (columns shard_path, shard, split, sha256) and returns their store manifest rows. Output files are
-    named by shard and content (`<split>/<shard>.<sha256[:16]>.*.parquet`), so versions never collide."""
+    (columns shard_path, shard, split, sha256) and returns their store manifest rows, each with the actor's
+    `worker` (host:pid) and `peak_rss_mb` so far. Output files are named by shard and content
+    (`<split>/<shard>.<sha256[:16]>.*.parquet`), so versions never collide."""
 
     def __init__(self, cfg: dict, store_dir: str, run_id: str, threads: int):
         import torch
@@ -83,6 +138,7 @@ class ShardFeatureWriter:
         self.cfg = FeaturesConfig(**cfg)
         self.store_dir = Path(store_dir)
         self.run_id = run_id
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.module = get_extractor(self.cfg.extractor)
         self.extractor = self.module.load(self.cfg, pick_device(self.cfg.num_gpus > 0))
 
@@ -92,8 +148,10 @@ class ShardFeatureWriter:
             stem = f"{Path(shard).name.removesuffix('.tar')}.{sha[:16]}"
             row = extract_shard(self.module, self.extractor, path, self.store_dir / split, stem,
                                 self.cfg.batch_size, self.cfg.store_tokens)
+            release_free_memory()
             row["images_file"] = f"{split}/{row['images_file']}"
             row["captions_file"] = f"{split}/{row['captions_file']}"
-            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this actor's, so far
-            rows.append({"shard": shard, "split": split, "shard_sha256": sha, "run_id": self.run_id, **row})
+            rows.append({"shard": shard, "split": split, "shard_sha256": sha, "run_id": self.run_id, **row,
+                         "worker": self.worker,
+                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}

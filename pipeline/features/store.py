@@ -8,7 +8,7 @@ says which rows one input uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +20,43 @@ from pipeline.io import atomic_write_parquet
 
 MANIFEST = "manifest.parquet"
 SELECTIONS = "inputs"  # <store>/inputs/<extract fingerprint>/manifest.parquet
-IMAGE_ARRAYS = ("image_embed", "image_pooled", "patch_tokens", "region_feats")  # region_feats: precomp (N, R, D)
+IMAGE_ARRAYS = ("image_embed", "image_pooled", "patch_tokens", "patch_boxes", "region_feats")  # region_feats: precomp
+REGION_ARRAYS = ("roi_feats", "roi_boxes")  # RoIAlign regions of annotated boxes: (M_i, ...) per image, `roi_count`
 CAPTION_ARRAYS = ("text_embed", "text_pooled")
+FLOAT32_ARRAYS = {"patch_boxes", "roi_boxes"}  # boxes stay float32; features are stored as float16
 
 
-def _fixed_list(array: np.ndarray) -> pa.FixedSizeListArray:
-    flat = np.ascontiguousarray(array, dtype=np.float16).reshape(len(array), -1)
+def _dtype(name: str) -> type:
+    return np.float32 if name in FLOAT32_ARRAYS else np.float16
+
+
+def _fixed_list(array: np.ndarray, dtype: type = np.float16) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(array, dtype=dtype).reshape(len(array), -1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
-def image_table(keys: list[str], labels: list[list[str]], arrays: dict[str, np.ndarray]) -> pa.Table:
-    """Returns the image table of one shard: key, labels and each (N, ...) array as a float16 fixed-size list."""
+def _ragged_list(arrays: list[np.ndarray], width: int, dtype: type) -> tuple[pa.ListArray, np.ndarray]:
+    """Returns (one flat list per item of its (n_i, width) array, the n_i as int32)."""
+    lengths = np.array([len(a) for a in arrays], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths) * width]).astype(np.int32)
+    flat = np.concatenate([np.asarray(a, dtype).reshape(-1) for a in arrays] + [np.zeros(0, dtype)])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), lengths
+
+
+def image_table(keys: list[str], labels: list[list[str]], arrays: dict) -> pa.Table:
+    """Returns the image table of one shard: key, labels, each (N, ...) array as a fixed-size list and, when
+    present, the RoIAlign regions (lists of (M_i, ...) arrays) as flat lists with `roi_count`."""
     cols = {"key": pa.array(keys, pa.string()), "labels": pa.array(labels, pa.list_(pa.string()))}
     meta = {}
     for name in IMAGE_ARRAYS:
         if name in arrays:
-            cols[name] = _fixed_list(arrays[name])
+            cols[name] = _fixed_list(arrays[name], _dtype(name))
             meta[f"shape.{name}"] = ",".join(map(str, arrays[name].shape[1:]))
+    for name in REGION_ARRAYS:
+        if name in arrays:
+            width = arrays[name][0].shape[1]
+            cols[name], cols["roi_count"] = _ragged_list(arrays[name], width, _dtype(name))
+            meta[f"shape.{name}"] = str(width)
     return pa.table(cols).replace_schema_metadata(meta)
 
 
@@ -52,13 +72,9 @@ def caption_table(keys: list[str], caption_index: list[int], captions: list[str]
         cols[name] = _fixed_list(arrays[name])
     meta = {}
     if "text_tokens" in arrays:
-        tokens = arrays["text_tokens"]
-        lengths = np.array([len(t) for t in tokens], dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(lengths) * tokens[0].shape[1]]).astype(np.int32)
-        flat = np.concatenate([t.reshape(-1) for t in tokens]).astype(np.float16)
-        cols["text_tokens"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-        cols["text_len"] = pa.array(lengths)
-        meta["shape.text_tokens"] = str(tokens[0].shape[1])
+        width = arrays["text_tokens"][0].shape[1]
+        cols["text_tokens"], cols["text_len"] = _ragged_list(arrays["text_tokens"], width, np.float16)
+        meta["shape.text_tokens"] = str(width)
     return pa.table(cols).replace_schema_metadata(meta)
 
 
@@ -125,8 +141,10 @@ def open_selection(selection: str | Path) -> tuple[Path, pd.DataFrame]:
 
 @dataclass
 class FeatureSplit:
-    """Features of one split. Arrays are float16 (N, ...) numpy arrays; `caption_image[j]` is the row in the
-    image arrays of caption j's image (any number of captions per image)."""
+    """Features of one split. Arrays are float16 (boxes float32) (N, ...) numpy arrays; `caption_image[j]` is the row
+    in the image arrays of caption j's image (any number of captions per image). A variable-length column (`roi_feats`,
+    `roi_boxes`, `text_tokens`) is one flat (sum of n_i, width) array with `offsets[name]` (N + 1,): item i's rows
+    are `array[offsets[i]:offsets[i + 1]]`."""
 
     keys: list[str]
     labels: list[list[str]]
@@ -134,13 +152,33 @@ class FeatureSplit:
     captions: dict[str, np.ndarray]
     caption_image: np.ndarray
     caption_text: list[str]
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _column(table: pa.Table, name: str) -> np.ndarray:
+def _column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns (the column's values as a zero-copy (N, ...) view, or a flat (sum n_i, width) one for a variable-length
+    column; that column's item offsets (N + 1,), else None)."""
+    if name not in table.column_names:
+        raise ValueError(f"feature column {name!r} is not in the store (it has {', '.join(table.column_names)}): "
+                         "extract with features.store_tokens=true for tokens and regions")
     col = table.column(name).combine_chunks()
     shape = tuple(int(s) for s in table.schema.metadata.get(f"shape.{name}".encode(), b"").decode().split(",") if s)
     values = col.values.to_numpy(zero_copy_only=True)  # a view over the memory-mapped file
-    return values.reshape((len(col),) + (shape or (col.type.list_size,)))
+    if pa.types.is_fixed_size_list(col.type):
+        return values.reshape((len(col),) + (shape or (col.type.list_size,))), None
+    offsets = col.offsets.to_numpy() // shape[0]
+    return values[offsets[0] * shape[0]:offsets[-1] * shape[0]].reshape(-1, shape[0]), offsets - offsets[0]
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Concatenates the `_column` parts of several shards (a single part stays a zero-copy view)."""
+    if len(parts) == 1:
+        return parts[0]
+    values = np.concatenate([v for v, _ in parts])
+    if parts[0][1] is None:
+        return values, None
+    starts = np.cumsum([0] + [len(v) for v, _ in parts[:-1]])
+    return values, np.concatenate([[0]] + [o[1:] + start for (_, o), start in zip(parts, starts)])
 
 
 def read_split(store: str | Path, manifest: pd.DataFrame, split: str, image_columns=("image_embed", "image_pooled"),
@@ -171,12 +209,13 @@ def read_split(store: str | Path, manifest: pd.DataFrame, split: str, image_colu
             img_parts[c].append(_column(it, c))
         for c in caption_columns:
             cap_parts[c].append(_column(ct, c))
-    join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+    joined = {c: _join(p) for c, p in {**img_parts, **cap_parts}.items()}
     return FeatureSplit(
         keys=keys,
         labels=labels,
-        images={c: join(p) for c, p in img_parts.items()},
-        captions={c: join(p) for c, p in cap_parts.items()},
-        caption_image=join(owner),
+        images={c: joined[c][0] for c in image_columns},
+        captions={c: joined[c][0] for c in caption_columns},
+        caption_image=owner[0] if len(owner) == 1 else np.concatenate(owner),
         caption_text=texts,
+        offsets={c: o for c, (_, o) in joined.items() if o is not None},
     )

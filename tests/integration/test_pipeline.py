@@ -32,8 +32,18 @@ def test_chain_then_cached_rerun(ray_cluster, tracker, tmp_path, monkeypatch):
     keys = [s["key"] for shard in manifest["shard"] for s in read_shard(first["shard"].path / shard)]
     assert len(keys) == len(set(keys)) == 340
     # extract: the store covers every shard, 5 captions per image
-    test = store.read_split(*store.open_selection(first["extract"].path), "test")
+    test = store.read_split(*store.open_selection(first["extract"].path), "test",
+                            image_columns=("image_embed", "patch_boxes", "roi_feats", "roi_boxes"))
     assert len(test.keys) == 60 and len(test.caption_image) == 300
+    # regions: one RoIAlign feature per synthetic object (all in view: square images), boxes as in the shards
+    boxes = {s["key"]: s["json"]["boxes"] for shard in manifest[manifest["split"] == "test"]["shard"]
+             for s in read_shard(first["shard"].path / shard)}
+    size = cfg.data.synth.image_size
+    counts = test.offsets["roi_feats"][1:] - test.offsets["roi_feats"][:-1]
+    assert counts.tolist() == [len(boxes[k]) for k in test.keys] and counts.min() >= 1
+    first_boxes = test.images["roi_boxes"][test.offsets["roi_boxes"][:-1]]
+    assert abs(first_boxes - [[v / size for v in boxes[k][0]] for k in test.keys]).max() < 1e-6
+    assert test.images["roi_feats"].shape == (counts.sum(), 64) and test.images["patch_boxes"].shape == (60, 16, 4)
     # eval: metrics.json with the standard keys, trained beats the frozen features
     metrics = json.loads((first["eval"].path / "metrics.json").read_text())
     for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "frozen_rsum",

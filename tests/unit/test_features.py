@@ -1,8 +1,11 @@
 """open_clip extractor (micro random config), store round trip, zero-copy reads, and extract_shard."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +14,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.data.shard import plan_shards, write_shard
 from pipeline.data.sources import load_samples
 from pipeline.features import store
-from pipeline.features.extract import extract_shard
+from pipeline.features.extract import ShardFeatureWriter, extract_shard
 from pipeline.features.extractors import get_extractor, openclip
 
 MICRO = FeaturesConfig(model="itr-vit-micro-32", precision="fp32", batch_size=16)
@@ -94,3 +97,86 @@ def test_single_shard_read_is_zero_copy(tmp_path):
     split = store.read_split(tmp_path / "s", manifest, "val")
     assert not split.images["image_embed"].flags.owndata  # a view over the mapped file
     assert split.images["image_embed"].tolist() == arrays["image_embed"].tolist()
+
+
+def test_prepare_then_encode_equals_encode(extractor):
+    images = [Image.new("RGB", (40, 32), (0, i * 60, 0)) for i in range(3)]
+    batch = openclip.preprocess_images(extractor, images)
+    assert batch.pixels.shape == (3, 3, 32, 32) and batch.pixels.dtype == torch.float32
+    assert [b.shape for b in batch.boxes] == [(0, 4)] * 3 and batch.affines[0].image_size == (40, 32)
+    for k, v in openclip.encode_images(extractor, images, True).items():
+        want = openclip.encode_pixels(extractor, batch, True)[k]
+        assert all(np.array_equal(a, b) for a, b in zip(v, want)) if isinstance(v, list) else np.array_equal(v, want)
+    texts = ["a red circle", "two shapes"]
+    ids = openclip.tokenize(extractor, texts)
+    assert ids.dtype == torch.int64 and ids.shape[0] == 2
+    direct, split = openclip.encode_texts(extractor, texts, True), openclip.encode_tokens(extractor, ids, True)
+    assert np.array_equal(direct["text_embed"], split["text_embed"])
+    assert all(np.array_equal(a, b) for a, b in zip(direct["text_tokens"], split["text_tokens"]))
+
+
+def test_extract_shard_batching_does_not_change_features(tmp_path, synth_root, extractor):
+    """Batches prepared in the background thread, many small ones or one big one: the same tables."""
+    import pyarrow.parquet as pq
+
+    samples = [s for s in load_samples("synthetic", synth_root, "synthetic")[0] if s.split == "val"]
+    plan = plan_shards(samples, 40)[0]
+    write_shard(plan, tmp_path / "shards")
+    files = {}
+    for batch_size in (3, 512):
+        row = extract_shard(openclip, extractor, tmp_path / "shards" / plan.name, tmp_path / f"b{batch_size}", "s",
+                            batch_size=batch_size, with_tokens=True)
+        files[batch_size] = [tmp_path / f"b{batch_size}" / row[k] for k in ("images_file", "captions_file")]
+    for small, big in zip(files[3], files[512]):
+        a, b = pq.read_table(small), pq.read_table(big)
+        assert a.column_names == b.column_names and a.num_rows == b.num_rows
+        for name in a.column_names:
+            kind = a.schema.field(name).type
+            if pa.types.is_nested(kind) and pa.types.is_floating(kind.value_type):
+                x = a.column(name).combine_chunks().flatten().to_numpy().astype(np.float32)
+                y = b.column(name).combine_chunks().flatten().to_numpy().astype(np.float32)
+                assert np.allclose(x, y, atol=2e-3), name  # float16 storage of float32 results
+            else:
+                assert a.column(name).equals(b.column(name)), name
+
+
+def test_extract_shard_names_the_shard_when_an_image_cannot_be_decoded(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, jpg in (("a", _jpeg()), ("b", b"not a jpeg")):
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", json.dumps({"captions": ["x"]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"bad.tar: an image of a..b cannot be decoded"):
+        extract_shard(openclip, None, path, tmp_path / "out", "s", batch_size=8, with_tokens=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_writer_actor_rows_carry_worker_and_peak_memory(tmp_path, synth_root):
+    """The Ray Data actor class, called directly: one store row per shard, with the actor's id and peak RSS."""
+    samples = [s for s in load_samples("synthetic", synth_root, "synthetic")[0] if s.split == "val"]
+    plans = plan_shards(samples, 20)
+    rows = [write_shard(plan, tmp_path / "shards")["row"] for plan in plans]
+    writer = ShardFeatureWriter({"model": "itr-vit-micro-32", "precision": "fp32", "batch_size": 16,
+                                 "store_tokens": False}, str(tmp_path / "store"), "run-1", threads=1)
+    out = writer({"shard_path": np.array([str(tmp_path / "shards" / r["shard"]) for r in rows]),
+                  "shard": np.array([r["shard"] for r in rows]), "split": np.array([r["split"] for r in rows]),
+                  "sha256": np.array([r["sha256"] for r in rows])})
+    assert out["shard"].tolist() == [r["shard"] for r in rows] and set(out["run_id"]) == {"run-1"}
+    assert out["num_images"].tolist() == [20, 20] and out["num_captions"].tolist() == [100, 100]
+    assert len(set(out["worker"])) == 1 and out["worker"][0].endswith(f":{os.getpid()}")
+    assert (out["peak_rss_mb"] > 0).all() and out["peak_rss_mb"][1] >= out["peak_rss_mb"][0]
+    assert all((tmp_path / "store" / f).is_file() for f in list(out["images_file"]) + list(out["captions_file"]))
+
+
+def _jpeg() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
