@@ -7,7 +7,7 @@ are timed per epoch, over the epochs after the first (the workers report their o
 bare loop runs before and after the Ray one, so a drift of the machine's speed (a shared VM's varies by
 +-10% from minute to minute) falls on both sides; each side's figure is the median of its epochs.
 
-    .venv/bin/python benchmarks/train.py [--captions 40000] [--epochs 4]
+    .venv/bin/python benchmarks/train.py [--captions 40000] [--epochs 8]
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def ray_loop(split: dict, tc: TrainConfig, kwargs: dict, init_state: dict,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=40000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
     import tempfile
 
