@@ -251,8 +251,9 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.config import load_config
+    from pipeline.config import FeaturesConfig, load_config
     from pipeline.features import store
+    from pipeline.features.extract import actor_pool
     from pipeline.features.precision import resolve_precision
     from pipeline.stages import StageResult, run_extract
     from pipeline.tracking.runs import open_tracker
@@ -261,8 +262,7 @@ def main() -> None:
     num_shards = max(1, args.images // args.shard_size)
     extra = max(1, math.ceil(num_shards / 10))
     precision = resolve_precision("auto", torch.device("cpu"))
-    actors = min(num_shards, args.cpus)  # the stage's actor pool on a CPU-only cluster of `cpus`
-    threads = max(1, args.cpus // actors)
+    actors, threads = actor_pool(args.cpus, args.cpus, 0, num_shards, 0, FeaturesConfig().cpus_per_actor)
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         tmp = Path(tmp)
         rows = make_shards(tmp, num_shards + extra, args.shard_size)

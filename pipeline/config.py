@@ -55,6 +55,7 @@ class FeaturesConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     batch_size: int = 256
     num_gpus: float = 0.0  # per extraction actor
+    cpus_per_actor: int = 0  # without GPUs: CPUs (threads) per actor; 0: at most 4 actors a node (each holds a model)
     store_tokens: bool = True  # keep patch tokens with their boxes, RoIAlign regions of object boxes, per-token text
 
 

@@ -227,7 +227,7 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
 
     from pipeline.data.shard import read_manifest as read_shard_manifest
     from pipeline.features import store
-    from pipeline.features.extract import ShardFeatureWriter
+    from pipeline.features.extract import ShardFeatureWriter, actor_pool
     from pipeline.features.extractors import get_extractor
     from pipeline.ray_runtime import cluster_cpus
 
@@ -252,10 +252,10 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
         log(f"extract: {len(todo)} of {len(shard_manifest)} shards to do -> {store_dir}")
         rows = [] if not len(done) else [done]
         if len(todo):
-            cpus = cluster_cpus()
             gpus = cfg.features.num_gpus
-            actors = max(1, min(len(todo), cpus if gpus == 0 else int(ray.cluster_resources().get("GPU", 0) / gpus)))
-            threads = max(1, cpus // actors)
+            node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+            actors, threads = actor_pool(cluster_cpus(), node_cpus, ray.cluster_resources().get("GPU", 0), len(todo),
+                                         gpus, cfg.features.cpus_per_actor)
             items = [{"shard_path": str(storage.join(shards.path, r.shard)), "shard": r.shard, "split": r.split,
                       "sha256": r.sha256} for r in todo.itertuples()]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -263,7 +263,7 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
                 fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),
                                        "run_id": run_id, "threads": threads},
                 batch_size=1,
-                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),  # one shard queued per actor: no idle tail
+                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),  # no actor idles at the end
                 num_cpus=threads if gpus == 0 else 1,
                 num_gpus=gpus,
             )

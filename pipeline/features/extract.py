@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import math
 import os
 import resource
 import socket
@@ -27,6 +28,7 @@ from pipeline.features import store
 from pipeline.features.extractors import get_extractor
 from pipeline.features.precision import pick_device
 
+ACTORS_PER_NODE = 4  # default bound on the model copies a node holds without GPUs
 _PREPARE: list[ThreadPoolExecutor] = []  # one thread for the process, reused by every shard
 _PREPARE_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=_PREPARE.clear)  # a forked child has no copy of the thread
@@ -43,8 +45,8 @@ def _prepare_pool() -> ThreadPoolExecutor:
 def _steps(module: ModuleType) -> dict[str, tuple[Callable, Callable]]:
     """Returns {"image": (prepare, encode), "text": (prepare, encode)} of an extractor module. `prepare(ext, images,
     boxes)` / `prepare(ext, captions)` turns decoded images (with their annotated xyxy pixel boxes) / caption strings
-    into model inputs (runs in a background thread); `encode(ext, inputs,
-    with_tokens)` runs the model. Modules without `preprocess_images` / `tokenize` prepare nothing."""
+    into model inputs (runs in a background thread); `encode(ext, inputs, with_tokens)` runs the model. Modules
+    without `preprocess_images` / `tokenize` prepare nothing."""
     def keep(ext, items, *_):
         return items
 
@@ -114,6 +116,18 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir
     )
     return {"images_file": images_file, "captions_file": captions_file, "num_images": len(samples),
             "num_captions": len(cap_text), "seconds": time.perf_counter() - t0}
+
+
+def actor_pool(cpus: int, node_cpus: int, gpus: float, shards: int, num_gpus: float,
+               cpus_per_actor: int) -> tuple[int, int]:
+    """Returns (actors, torch threads per actor) of the extract stage on a cluster of `cpus` CPUs (`node_cpus` on its
+    largest node) and `gpus` GPUs for `shards` shards to do: one actor per `num_gpus` GPUs when set, else one per
+    `cpus_per_actor` CPUs (0: enough CPUs per actor that a node runs at most `ACTORS_PER_NODE`, since each actor
+    holds a copy of the model); never more actors than shards, the cluster's CPUs shared out as threads."""
+    per_actor = cpus_per_actor or math.ceil(node_cpus / ACTORS_PER_NODE)
+    actors = int(gpus / num_gpus) if num_gpus > 0 else cpus // max(1, min(per_actor, cpus))
+    actors = max(1, min(shards, actors))
+    return actors, max(1, cpus // actors)
 
 
 def release_free_memory() -> None:

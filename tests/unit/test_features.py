@@ -180,3 +180,18 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("cpus, node_cpus, gpus, shards, num_gpus, per_actor, pool", [
+    (2, 2, 0, 20, 0, 0, (2, 1)),  # a small machine: one actor per CPU
+    (64, 16, 0, 40, 0, 0, (16, 4)),  # 4 nodes of 16: 4 actors of 4 threads per node
+    (16, 16, 0, 2, 0, 0, (2, 8)),  # fewer shards than actors: the CPUs go to the ones there are
+    (16, 16, 0, 20, 0, 1, (16, 1)),
+    (16, 16, 0, 20, 0, 64, (1, 16)),
+    (16, 16, 4, 20, 0.5, 0, (8, 2)),  # GPUs decide the count
+    (16, 16, 4, 3, 1, 0, (3, 5)),
+])
+def test_actor_pool_shares_the_cluster(cpus, node_cpus, gpus, shards, num_gpus, per_actor, pool):
+    from pipeline.features.extract import actor_pool
+
+    assert actor_pool(cpus, node_cpus, gpus, shards, num_gpus, per_actor) == pool

@@ -1,4 +1,5 @@
-"""Region geometry against the real eval transforms, RoIAlign features, and regions through extract_shard and the store."""
+"""Region geometry against the real eval transforms, RoIAlign features, and regions through extract_shard and the
+store."""
 from __future__ import annotations
 
 import io
@@ -115,3 +116,11 @@ def test_extract_shard_stores_patch_boxes_and_regions_that_the_reader_returns(tm
     assert np.allclose(split.images["roi_boxes"][0], [30 / 96, 10 / 48, 70 / 96, 34 / 48], atol=1e-6)
     direct = openclip.encode_images(ext, [records[0][1]], True, [records[0][2]["boxes"]])
     assert np.allclose(split.images["roi_feats"][0], direct["roi_feats"][0][0], atol=2e-2)  # float16 storage
+
+
+def test_a_resnet_tower_gives_its_cells_as_tokens_with_boxes():
+    ext = openclip.load(FeaturesConfig(model="itr-rn-micro-64", precision="fp32"), torch.device("cpu"))
+    out = openclip.encode_images(ext, [_image(96, 64)], True, [[list(BOX)]])
+    assert out["patch_tokens"].shape == (1, 4, 256) and out["patch_boxes"].shape == (1, 4, 4)  # 64 px / 32: 2 x 2
+    assert np.allclose(out["patch_boxes"][0, 0], [16 / 96, 0, 48 / 96, 0.5])  # centre crop of the 96 x 64 image
+    assert [f.shape for f in out["roi_feats"]] == [(1, 256)]

@@ -80,10 +80,10 @@ def preprocess_images(ext: OpenClipExtractor, images: list[Image.Image],
 @torch.inference_mode()
 def encode_pixels(ext: OpenClipExtractor, batch: ImageBatch, with_tokens: bool) -> dict[str, Any]:
     """Returns float32 arrays of an `ImageBatch`: `image_embed` (B, E), `image_pooled` (B, W) = mean of the
-    final-normed patch tokens and, with tokens, `patch_tokens` (B, gh * gw, W) (the last feature map of the vision tower: ViT patch
-    tokens, a ResNet's cells) in row-major grid order,
-    `patch_boxes` (B, gh * gw, 4) their normalised image boxes, and the RoIAlign region features of the annotated
-    boxes (`pipeline.features.regions`): lists `roi_feats` of (M_i, W) and `roi_boxes` of (M_i, 4)."""
+    final-normed patch tokens and, with tokens, `patch_tokens` (B, gh * gw, W) in row-major grid order (the vision
+    tower's last feature map: ViT patch tokens, a ResNet's cells), `patch_boxes` (B, gh * gw, 4) their normalised
+    image boxes, and the RoIAlign region features of the annotated boxes (`pipeline.features.regions`): lists
+    `roi_feats` of (M_i, W) and `roi_boxes` of (M_i, 4)."""
     with autocast(ext.precision, ext.device):
         out = ext.model.forward_intermediates(
             image=batch.pixels.to(ext.device), image_indices=1, normalize=False, normalize_intermediates=True,
