@@ -46,7 +46,7 @@ def baseline(samples: list, out: Path, shard_size: int) -> int:
 
 def ours(samples: list, out: Path, shard_size: int) -> int:
     """Plans and writes the tars as the shard stage does (Ray Data, one task per tar); returns the number written."""
-    from pipeline.stages import write_shards
+    from pipeline.stages.shard import write_shards
 
     results = write_shards(plan_shards(samples, shard_size), out, jpeg_quality=95, progress=False)
     return sum(r["row"]["num_samples"] for r in results if r["row"])

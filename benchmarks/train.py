@@ -2,7 +2,9 @@
 single-process loop doing the same math (the same global batches, method, queues and optimizer) in the
 same run; plus the queue all-gather's share of the workers' step time.
 
-Features are random (N captions x 512 dims), so no extraction is needed. Start-up is excluded: both sides
+Features are random (N captions, 2 x 256 dims per side), written once to a feature store with the store's own
+writers, so both sides read them as training does: the columnar cache, memory-mapped (`FeatureInputs`), batches
+collated behind the prefetch thread. No extraction is needed. Start-up is excluded: both sides
 are timed per epoch, over the epochs after the first (the workers report their own epoch seconds). The
 bare loop runs before and after the Ray one, so a drift of the machine's speed (a shared VM's varies by
 +-10% from minute to minute) falls on both sides; each side's figure is the median of its epochs.
@@ -13,47 +15,71 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.features import store
 from pipeline.features.precision import resolve_precision
-from pipeline.methods import create_method
-from pipeline.train.loop import epoch_batches, make_batch, new_training_state, train_step
+from pipeline.methods.base import args_dict
+from pipeline.stages.train import input_dims, resolve_method
+from pipeline.train.inputs import open_feature_inputs, prefetch
+from pipeline.train.loop import epoch_batches, new_training_state, train_step
+
+SHARD_IMAGES = 2000
 
 
-def random_split(captions: int, dim: int = 512, per_image: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
-    """Returns a feature split dict with random float16 inputs, `per_image` captions per image."""
+def random_store(root: Path, captions: int, dim: int = 256, per_image: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Writes a train split of random float16 features (`image_embed`, `image_pooled`, `text_embed`,
+    `text_pooled`, `dim` wide each; `per_image` captions per image) into a feature store at `root`; returns its
+    manifest."""
     rng = np.random.default_rng(seed)
-    images = captions // per_image
-    return {"image": rng.standard_normal((images, dim), dtype=np.float32).astype(np.float16),
-            "text": rng.standard_normal((captions, dim), dtype=np.float32).astype(np.float16),
-            "caption_image": np.repeat(np.arange(images), per_image)}
+    images, rows = captions // per_image, []
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for i, lo in enumerate(range(0, images, SHARD_IMAGES)):
+        n = min(SHARD_IMAGES, images - lo)
+        keys = [f"{k:09d}" for k in range(lo, lo + n)]
+        feats = {name: rng.standard_normal((n, dim), dtype=np.float32) for name in ("image_embed", "image_pooled")}
+        texts = {name: rng.standard_normal((n * per_image, dim), dtype=np.float32)
+                 for name in ("text_embed", "text_pooled")}
+        files = store.write_shard(root / "train", f"shard-{i:06d}.{i:016x}",
+                                  store.image_table(keys, [[] for _ in keys], feats),
+                                  store.caption_table([k for k in keys for _ in range(per_image)],
+                                                      list(range(per_image)) * n, ["x"] * (n * per_image), texts))
+        rows.append({"shard": f"shard-{i:06d}", "split": "train", "shard_sha256": f"{i:064x}",
+                     "images_file": f"train/{files[0]}", "captions_file": f"train/{files[1]}",
+                     "num_images": n, "num_captions": n * per_image})
+    manifest = pd.DataFrame(rows)
+    store.write_manifest(root, manifest)
+    return manifest
 
 
-def bare_loop(split: dict, tc: TrainConfig, kwargs: dict, init_state: dict) -> list[float]:
+def bare_loop(root: Path, manifest: pd.DataFrame, tc: TrainConfig, spec: dict, init_state: dict) -> list[float]:
     """Runs the same steps in this process on all its threads; returns the steps/s of epochs 1.."""
     device = torch.device("cpu")
-    torch.manual_seed(tc.seed)
-    method = create_method(tc.method, **kwargs)
-    method.load_state_dict(init_state)
-    steps_per_epoch = len(split["caption_image"]) // tc.batch_size
-    momentum, optimizer, scheduler = new_training_state(method, dataclasses.asdict(tc), steps_per_epoch, device)
+    cls, args = resolve_method(tc)
+    method = cls.from_checkpoint(spec, init_state).train()
+    inputs = open_feature_inputs(cls, args, root, manifest, "train")
+    steps_per_epoch = inputs.num_captions // tc.batch_size
+    state, optimizer, scheduler = new_training_state(method, dataclasses.asdict(tc), steps_per_epoch, device)
     precision = resolve_precision("auto", device)
     rates = []
     for epoch in range(tc.epochs):
         t0 = time.perf_counter()
-        for rows in epoch_batches(len(split["caption_image"]), tc.batch_size, tc.seed, epoch, 0, 1):
-            train_step(method, method, momentum, optimizer, scheduler, make_batch(split, rows, device),
-                       dataclasses.asdict(tc), precision, device)
+        rows = epoch_batches(inputs.num_captions, tc.batch_size, tc.seed, epoch, 0, 1)
+        for batch in prefetch((inputs.batch(r) for r in rows), tc.prefetch_batches):
+            train_step(method, method, state, optimizer, scheduler, batch, dataclasses.asdict(tc), precision, device)
         if epoch > 0:
             rates.append(steps_per_epoch / (time.perf_counter() - t0))
     return rates
 
 
-def ray_loop(split: dict, tc: TrainConfig, kwargs: dict, init_state: dict,
+def ray_loop(root: Path, manifest: pd.DataFrame, tc: TrainConfig, spec: dict, init_state: dict,
              storage: str) -> tuple[list[float], float]:
     """Runs the Ray Train loop; returns (the steps/s of epochs 1.., queue all-gather share of their step time)."""
     import ray
@@ -62,13 +88,11 @@ def ray_loop(split: dict, tc: TrainConfig, kwargs: dict, init_state: dict,
 
     from pipeline.train.loop import train_loop_per_worker
 
-    steps_per_epoch = len(split["caption_image"]) // tc.batch_size
-    reports: list[dict] = []
-
+    steps_per_epoch = int(manifest["num_captions"].sum()) // tc.batch_size
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"method": tc.method, "method_kwargs": kwargs, "init_state": init_state,
-                           "train": dataclasses.asdict(tc), "features_ref": ray.put({"train": split}),
+        train_loop_config={"method": tc.method, "spec": spec, "init_state": init_state, "train": dataclasses.asdict(tc),
+                           "inputs": {"store": str(root), "manifest": manifest, "guide": None, "has_val": False},
                            "steps_per_epoch": steps_per_epoch, "threads_per_worker": 1},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"bench-{time.time_ns()}", storage_path=storage),
@@ -86,25 +110,27 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=40000)
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
-    import tempfile
-
     import ray
 
-    tc = TrainConfig(epochs=args.epochs, batch_size=512, queue_size=1024, num_workers=2)
-    split = random_split(args.captions)
-    kwargs = {"image_dim": 512, "text_dim": 512, "embed_dim": tc.embed_dim, "hidden_dim": tc.hidden_dim,
-              "temperature": tc.temperature}
-    torch.manual_seed(tc.seed)
-    init_state = create_method(tc.method, **kwargs).state_dict()
-    torch.set_num_threads(2)
-    bare = bare_loop(split, tc, kwargs, init_state)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with tempfile.TemporaryDirectory() as storage:
-            ours, share = ray_loop(split, tc, kwargs, init_state, storage)
-    finally:
-        ray.shutdown()
-    bare += bare_loop(split, tc, kwargs, init_state)
+    tc = TrainConfig(method="infonce", method_args={"queue_size": 1024}, epochs=args.epochs, batch_size=512,
+                     num_workers=2)
+    cls, method_args = resolve_method(tc)
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work) / "store"
+        manifest = random_store(root, args.captions)
+        inputs = open_feature_inputs(cls, method_args, root, manifest, "train")  # the columnar cache, built once
+        torch.manual_seed(tc.seed)
+        method = cls(method_args, input_dims(inputs))
+        method.prepare(inputs)
+        spec, init_state = {"name": tc.method, "args": args_dict(method_args), "dims": method.dims}, method.state_dict()
+        torch.set_num_threads(2)
+        bare = bare_loop(root, manifest, tc, spec, init_state)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            ours, share = ray_loop(root, manifest, tc, spec, init_state, str(Path(work) / "ray_results"))
+        finally:
+            ray.shutdown()
+        bare += bare_loop(root, manifest, tc, spec, init_state)
     print(f"bare single process   {np.median(bare):7.2f} steps/s  (global batch {tc.batch_size}, 2 threads; "
           f"epochs before and after: {' '.join(f'{v:.2f}' for v in bare)})")
     print(f"Ray Train, 2 workers  {np.median(ours):7.2f} steps/s  (2 x {tc.batch_size // 2}, DDP over gloo; "

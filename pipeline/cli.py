@@ -69,12 +69,13 @@ def execute(command: str, cfg: Config, zero_shot: bool = False) -> dict:
     """Runs `command` (a stage name or `run`) and returns the stage results by name."""
     from pipeline.data.sources import check_source
     from pipeline.ray_runtime import ray_session
-    from pipeline.stages import run_stages
+    from pipeline.stages import plan, run_stages
     from pipeline.tracking.runs import open_tracker, pipeline_run
 
     last = "eval" if command == "run" else command
     if cfg.data.source != "synthetic":
         check_source(cfg.data.source, cfg.data_root)  # fail before starting Ray
+    plan(cfg, last, zero_shot)  # the method and its arguments too: an unknown one fails here, before Ray
     tracker = open_tracker(cfg.tracking_uri, cfg.tracking.experiment)
     with pipeline_run(tracker, f"itr {command}", to_dict(cfg)):
         if last == "synth":

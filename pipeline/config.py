@@ -15,6 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
+# Evaluation protocols and the test-split size each expects (None: any); implemented in pipeline.eval.protocols.
+PROTOCOL_SIZES = {"coco-1k": 5000, "coco-5k": 5000, "f30k-1k": 1000, "generic": None}
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing or of the wrong type."""
@@ -60,29 +63,41 @@ class FeaturesConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """A training phase: `epochs` at `lr` (None: train.lr) training the method's modules named in `train` ("*":
+    all of them); the rest is frozen."""
+
+    name: str = "train"
+    epochs: int = 1
+    lr: Optional[float] = None
+    train: list[str] = field(default_factory=lambda: ["*"])
+
+
+@dataclass
 class TrainConfig:
-    method: str = "infonce"
-    mode: str = "features"  # features: a method on stored features | end_to_end: fine-tune features.model on shards
+    method: str = "infonce"  # a name registered in pipeline.methods
+    method_args: dict = field(default_factory=dict)  # checked against the method's own Args dataclass
+    phases: list[PhaseConfig] = field(default_factory=list)  # empty: the method's default (one phase of `epochs`)
+    guide: Optional[FeaturesConfig] = None  # a second extractor over the same shards, for methods that read it
     epochs: int = 10
     batch_size: int = 512  # global batch, split over the workers
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    temperature: float = 0.05  # infonce
-    distill_alpha: float = 0.0  # infonce: ALBEF momentum distillation weight (0 = off; ALBEF uses 0.4)
-    margin: float = 0.2  # vse
-    gather_with_grad: bool = False  # negatives from every worker's batch, gradients kept
-    embed_dim: int = 256
-    hidden_dim: int = 1024
-    queue_size: int = 4096  # 0 disables the momentum queue
-    momentum: float = 0.995
     num_workers: int = 2
     use_gpu: bool = False
+    prefetch_batches: int = 2  # batches each worker reads and collates ahead, in a thread
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: Optional[str] = None  # checkpoints: a shared path or s3://...; default <workdir>/ray_results
     system_metrics_seconds: float = 10.0  # rank 0 samples CPU, memory and GPU into MLflow at this interval
     seed: int = 0
+
+
+@dataclass
+class RerankConfig:
+    i2t: int = 50  # image queries: captions rescored by the method's `rerank` (0: off)
+    t2i: int = 100  # caption queries: images rescored
 
 
 @dataclass
@@ -93,6 +108,7 @@ class EvalConfig:
     map_k: int = 100  # mAP@k / P@k for labelled sets; 0 = off
     chunk_size: int = 1024
     zero_shot: list[FeaturesConfig] = field(default_factory=list)  # extractors for `itr eval --zero-shot`
+    rerank_k: RerankConfig = field(default_factory=RerankConfig)  # two-stage eval, for methods with `rerank`
 
 
 @dataclass
@@ -154,6 +170,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -181,6 +201,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this module, not in the YAML
+
+
+def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
+    """Returns dataclass `cls` built from `data`, every key and type checked (ConfigError naming `prefix.key`)."""
+    return _build(cls, data, prefix)
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -242,8 +267,6 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
         "train.num_workers": cfg.train.num_workers,
-        "train.embed_dim": cfg.train.embed_dim,
-        "train.hidden_dim": cfg.train.hidden_dim,
         "eval.chunk_size": cfg.eval.chunk_size,
     }
     for key, value in positive.items():
@@ -255,17 +278,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={cfg.train.num_workers}"
         )
-    if cfg.train.queue_size and cfg.train.queue_size % cfg.train.batch_size:
-        raise ConfigError(
-            f"train.queue_size: {cfg.train.queue_size} is not a multiple of the global batch {cfg.train.batch_size} "
-            "(every step must write one whole global batch into the queue)"
-        )
-    if not 0.0 <= cfg.train.momentum < 1.0:
-        raise ConfigError(f"train.momentum: must be in [0, 1), got {cfg.train.momentum}")
-    if cfg.train.temperature <= 0:
-        raise ConfigError(f"train.temperature: must be positive, got {cfg.train.temperature}")
-    from pipeline.eval.protocols import PROTOCOL_SIZES  # imports torch: only once the config parsed
-
+    for i, phase in enumerate(cfg.train.phases):
+        if phase.epochs <= 0 or not phase.train:
+            raise ConfigError(f"train.phases[{i}] ({phase.name}): needs epochs > 0 and a non-empty `train` list")
     if cfg.eval.protocol not in PROTOCOL_SIZES:
         raise ConfigError(f"eval.protocol: expected one of {', '.join(PROTOCOL_SIZES)}, got {cfg.eval.protocol!r}")
     if cfg.eval.map_k < 0:

@@ -29,8 +29,9 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", 
 TINY_OVERRIDES = [
     "data.synth.num_train=240", "data.synth.num_val=40", "data.synth.num_test=60", "data.synth.image_size=32",
     "data.synth.max_objects=2", "shard.shard_size=100", "features.model=itr-vit-micro-32",
-    "features.batch_size=64", "train.epochs=2", "train.batch_size=64", "train.hidden_dim=128",
-    "train.embed_dim=64", "train.queue_size=256", "train.warmup_steps=5", "train.system_metrics_seconds=0.5",
+    "features.batch_size=64", "train.epochs=2", "train.batch_size=64", "train.method_args.hidden_dim=128",
+    "train.method_args.embed_dim=64", "train.method_args.queue_size=256", "train.warmup_steps=5",
+    "train.system_metrics_seconds=0.5",
 ]
 
 

@@ -123,7 +123,8 @@ def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: tor
     """Returns (Q,) ranks after two-stage retrieval: the top-`k` gallery items by dot product (ties broken
     by gallery index), rescored by `rerank(rows (c,), candidates (c, k)) -> (c, k)` scores, ranked as in
     `retrieval_ranks` among the candidates. `positives` (Q, P) as from `positive_index`. A query with no
-    positive among its candidates gets rank `k`: a miss for every R@K with K <= k, never a hit."""
+    positive among its candidates gets rank len(gallery), past any rank a gallery item can have: a miss at every
+    K below the gallery size, never a hit (the candidate recall is the share of ranks below `k`)."""
     out = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
@@ -133,7 +134,7 @@ def two_stage_ranks(queries: torch.Tensor, gallery: torch.Tensor, positives: tor
         pos = (candidates[:, :, None] == positives[rows].to(candidates.device)[:, None, :]).any(-1)
         best = rescored.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
         ranks = ((rescored >= best) & ~pos).sum(1)
-        out.append(torch.where(pos.any(1), ranks, torch.full_like(ranks, k)).cpu())
+        out.append(torch.where(pos.any(1), ranks, torch.full_like(ranks, len(gallery))).cpu())
     return torch.cat(out).numpy().astype(np.int64)
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.config import PROTOCOL_SIZES
 from pipeline.eval.metrics import recall_metrics, retrieval_ranks
-
-PROTOCOL_SIZES = {"coco-1k": 5000, "coco-5k": 5000, "f30k-1k": 1000, "generic": None}
 
 
 def folds(num_images: int, protocol: str) -> list[np.ndarray]:

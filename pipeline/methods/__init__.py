@@ -1,32 +1,39 @@
-"""Retrieval methods by name (timm-style registry): `create_method(name, **kwargs)`.
+"""Retrieval methods by name (timm-style registry): `create_method(name, args, dims)`.
 
-A method is an `nn.Module` with `encode_image(batch)`, `encode_text(batch)` -> L2-normalised (B, D),
-`forward(batch)` -> {"image", "text"} embeddings (what DDP wraps), `score(img, txt)` -> (N, M) similarities,
-and `loss(out, batch, state)` -> {"loss", named parts}. `image_inputs` / `text_inputs` name the feature
-store columns it reads, concatenated in that order into batch["image"] / batch["text"].
+Every method follows the contract of `pipeline.methods.base.Method` (inputs it reads, momentum state it owns,
+phases, hooks, encoders and an optional rerank); `docs/methods.md` walks through writing one.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
-from torch import nn
+from pipeline.registry import Registry
 
-METHODS: dict[str, Callable[..., nn.Module]] = {}
+METHODS = Registry("method", "train.method")
 
 
 def register_method(name: str):
-    """Class decorator: registers a method under `name`."""
+    """Class decorator: registers a method class under `name` (also kept as `cls.name`)."""
     def wrap(cls):
-        METHODS[name] = cls
-        return cls
+        cls.name = name
+        return METHODS.register(name, cls)
     return wrap
 
 
-def create_method(name: str, **kwargs) -> nn.Module:
-    """Returns a new method instance registered under `name`."""
-    if name not in METHODS:
-        raise ValueError(f"train.method: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name](**kwargs)
+def method_class(name: str):
+    """Returns the method class registered under `name` (ValueError naming the known ones otherwise)."""
+    return METHODS.get(name)
 
 
-from pipeline.methods import infonce, vse  # noqa: E402,F401  (registers)
+def create_method(name: str, args: Any = None, dims: dict[str, int] | None = None):
+    """Returns a new method `name` built from `args` (its Args dataclass, or a dict checked against it) and the
+    input widths `dims` (batch key -> feature width)."""
+    from pipeline.methods.base import parse_args
+
+    cls = method_class(name)
+    if not isinstance(args, cls.Args):
+        args = parse_args(cls, args)
+    return cls(args, dims or {})
+
+
+from pipeline.methods import clip_finetune, infonce, pool, vse  # noqa: E402,F401  (registers)

@@ -1,24 +1,27 @@
-"""VSE++ baseline on precomputed features (Faghri et al., BMVC 2018): hinge triplet loss on the hardest
-negative in the batch, in both directions, over the same MLP heads as `infonce`."""
+"""VSE++ baseline on precomputed features (Faghri et al., BMVC 2018): hinge triplet loss on the hardest negative
+in the batch, in both directions, over the same MLP heads as `infonce` (no momentum state)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.methods import register_method
-from pipeline.methods.heads import FeatureHeads
-from pipeline.train.losses import hardest_negative_triplet
-from pipeline.train.momentum import MomentumState
+from pipeline.methods.heads import FeatureHeads, HeadArgs
+from pipeline.nn.losses import hardest_negative_triplet
+from pipeline.nn.momentum import MomentumState
+
+
+@dataclass
+class VSEArgs(HeadArgs):
+    margin: float = 0.2
 
 
 @register_method("vse")
 class VSEHead(FeatureHeads):
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 256, hidden_dim: int = 1024,
-                 margin: float = 0.2, gather_with_grad: bool = False):
-        super().__init__(image_dim, text_dim, embed_dim, hidden_dim)
-        self.margin = margin
-        self.gather_with_grad = gather_with_grad
+    Args = VSEArgs
 
-    def loss(self, out: dict, batch: dict, state: MomentumState | None) -> dict[str, torch.Tensor]:
-        """Returns {"loss", "loss_i2t", "loss_t2i"} of the VSE++ max-violation loss (momentum state unused)."""
-        return hardest_negative_triplet(out["image"], out["text"], batch["ids"], self.margin,
-                                        gather_with_grad=self.gather_with_grad)
+    def loss(self, out: dict, batch: dict, state: MomentumState) -> dict[str, torch.Tensor]:
+        """Returns {"loss", "loss_i2t", "loss_t2i"} of the VSE++ max-violation loss."""
+        return hardest_negative_triplet(out["image"], out["text"], batch["ids"], self.args.margin,
+                                        gather_with_grad=self.args.gather_with_grad)

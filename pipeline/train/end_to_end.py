@@ -1,5 +1,6 @@
-"""End-to-end mode: fine-tunes an open_clip model straight from the WebDataset shards, with the same momentum
-queues, optimizer, checkpoints and metrics as the feature-head training (`pipeline.train.loop`).
+"""The training feed of a method on shards (`clip_finetune`): an open_clip model fine-tuned straight from the
+WebDataset shards, with the same epochs, phases, momentum state, checkpoints and metrics as a method on features
+(`pipeline.train.loop.run_epochs`).
 
 Data: a Ray Data dataset of one row per (image, caption) pair (`shard_dataset`), split across the workers by
 Ray Train (streaming split, equal row counts); each worker decodes, preprocesses and tokenises its rows in
@@ -26,71 +27,18 @@ import pandas as pd
 import ray.data
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
-from torch import nn
 
 from pipeline import storage
-from pipeline.config import FeaturesConfig
 from pipeline.data.shard import read_shard
 from pipeline.eval.metrics import evaluate_embeddings
-from pipeline.features.extractors import openclip
-from pipeline.methods.infonce import InfoNCEHead
-from pipeline.train.distributed import world
-from pipeline.train.loop import new_training_state, run_epochs, worker_context
-from pipeline.train.momentum import MomentumState
+from pipeline.methods.clip_finetune import ClipFineTune, ClipFineTuneArgs, load_clip
+from pipeline.nn.distributed import world
+from pipeline.train.loop import run_epochs, worker_context
 
 CODE_VERSION = 1  # part of the train stage's fingerprint in end_to_end mode: bump when results would change
 SHUFFLE_BUFFER_ROWS = 2048  # pair rows (JPEG bytes + caption) each worker shuffles in; at least one local batch
-
-
-class ClipFineTune(nn.Module):
-    """An open_clip model as a retrieval method: `forward(batch)` -> L2-normalised {"image", "text"} (B, D) from
-    batch["pixels"] (B, 3, H, W) and batch["tokens"] (B, L); `loss` is the infonce method's (`queue_infonce`
-    with a fixed temperature, multi-positive by batch["ids"], against the momentum queues). The model's own
-    logit scale (and bias) are frozen: unused by the loss, they would stall DDP's gradient reduction."""
-
-    def __init__(self, clip: nn.Module, embed_dim: int, temperature: float = 0.05, gather_with_grad: bool = False,
-                 distill_alpha: float = 0.0):
-        super().__init__()
-        self.clip = clip
-        self.embed_dim = embed_dim
-        self.temperature = temperature
-        self.gather_with_grad = gather_with_grad
-        self.distill_alpha = distill_alpha
-        for name in ("logit_scale", "logit_bias"):
-            if isinstance(getattr(clip, name, None), nn.Parameter):
-                getattr(clip, name).requires_grad_(False)
-
-    def encode_image(self, batch: dict) -> torch.Tensor:
-        """Returns L2-normalised (B, embed_dim) embeddings of batch["pixels"] (B, 3, H, W)."""
-        return F.normalize(self.clip.encode_image(batch["pixels"]), dim=-1)
-
-    def encode_text(self, batch: dict) -> torch.Tensor:
-        """Returns L2-normalised (B, embed_dim) embeddings of batch["tokens"] (B, L)."""
-        return F.normalize(self.clip.encode_text(batch["tokens"]), dim=-1)
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"image": self.encode_image(batch), "text": self.encode_text(batch)}
-
-    def loss(self, out: dict, batch: dict, state: MomentumState | None) -> dict[str, torch.Tensor]:
-        """Returns {"loss", "loss_i2t", "loss_t2i"}, exactly the infonce method's loss (`InfoNCEHead.loss`)."""
-        return InfoNCEHead.loss(self, out, batch, state)
-
-
-def load_clip(model_name: str, pretrained: str | None, device: torch.device, seed: int = 0,
-              temperature: float = 0.05, gather_with_grad: bool = False,
-              distill_alpha: float = 0.0) -> tuple[ClipFineTune, Callable, Callable]:
-    """Returns (the open_clip model `model_name` (built-in or in `MODEL_CONFIG_DIR`) with weights `pretrained`
-    (a cached tag, a local checkpoint path, or None: random init seeded by `seed`) as a `ClipFineTune` in
-    train mode on `device`, its eval image transform (PIL -> (3, H, W)), its tokenizer (list[str] -> (B, L)))."""
-    import open_clip
-
-    ext = openclip.load(FeaturesConfig(model=model_name, pretrained=pretrained, seed=seed), device)
-    embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
-    method = ClipFineTune(ext.model.train(), embed_dim, temperature, gather_with_grad, distill_alpha)
-    return method, ext.preprocess, ext.tokenizer
 
 
 def open_clip_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,10 +144,7 @@ def train_end_to_end_per_worker(config: dict) -> None:
     tc = config["train"]
     rank, world_size, device, precision = worker_context(config)
     method, preprocess, tokenizer = load_clip(config["model_name"], config["pretrained"], device, tc["seed"],
-                                              tc["temperature"], tc["gather_with_grad"], tc["distill_alpha"])
-    tc = {**tc, "embed_dim": method.embed_dim}  # the queues hold the model's embeddings
-    momentum, optimizer, scheduler = new_training_state(method, tc, config["steps_per_epoch"], device)
-    model = ray.train.torch.prepare_model(method)
+                                              ClipFineTuneArgs(**config["method_args"]))
     train_rows = ray.train.get_dataset_shard("train")
     collate = PairCollate(preprocess, tokenizer)
     local_batch = tc["batch_size"] // world_size
@@ -218,19 +163,19 @@ def train_end_to_end_per_worker(config: dict) -> None:
             metrics = {f"val_{k}": v for k, v in evaluate_embeddings(img, txt, caption_image).items()}
         return broadcast_from_rank0(metrics)
 
-    run_epochs(config, tc, model, method, momentum, optimizer, scheduler, batches,
-               validate_epoch if config["val_shards"] else None, device, precision)
+    run_epochs(config, tc, method, batches, validate_epoch if config["val_shards"] else None, device, precision,
+               ray.train.torch.prepare_model)
 
 
 def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_name: str, pretrained: str | None,
-                   tc: dict, run_storage: dict, run_name: str, mlflow_uri: str | None, mlflow_run_id: str | None,
-                   num_workers: int, use_gpu: bool) -> ray.train.Result:
+                   tc: dict, method_args: dict, run_storage: dict, run_name: str, mlflow_uri: str | None,
+                   mlflow_run_id: str | None, num_workers: int, use_gpu: bool) -> ray.train.Result:
     """Fine-tunes `model_name` on the train split of the shard folder `shard_dir` (`manifest`: its shard
     manifest frame) with Ray Train, validating each epoch on the val split when there is one; returns the
     `ray.train.Result`. `run_storage`: RunConfig's storage_path (and storage_filesystem). Its checkpoints hold
     `state.pt` (see `run_epochs`): state["model"] is the
     `ClipFineTune` state dict (`open_clip_state` turns it into an open_clip checkpoint); with a val split they
-    are ranked by val_rsum. `tc` is TrainConfig as a dict (its embed_dim is replaced by the model's).
+    are ranked by val_rsum. `tc` is TrainConfig as a dict, `method_args` the method's arguments as a dict.
     Raises ValueError when the split holds less than one global batch, the global batch does not divide
     among the workers or into the queue, or the cluster has too few CPUs."""
     import ray.train
@@ -243,9 +188,8 @@ def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_na
     pairs, batch = int(train["num_captions"].sum()), tc["batch_size"]
     if pairs < batch:
         raise ValueError(f"train split has {pairs} captions, fewer than one global batch ({batch})")
-    if batch % num_workers or (tc["queue_size"] and tc["queue_size"] % batch):
-        raise ValueError(f"train.batch_size {batch} must be a multiple of train.num_workers ({num_workers}) "
-                         f"and divide train.queue_size ({tc['queue_size']})")
+    if batch % num_workers:
+        raise ValueError(f"train.batch_size {batch} must be a multiple of train.num_workers ({num_workers})")
     cpus = cluster_cpus()
     data_cpus = max(1, cpus // 4)  # Ray Data's tar-reading tasks; decoding happens in the workers' collate
     if cpus <= data_cpus:
@@ -255,7 +199,8 @@ def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_na
     trainer = TorchTrainer(
         train_end_to_end_per_worker,
         train_loop_config={
-            "model_name": model_name, "pretrained": pretrained, "train": tc, "steps_per_epoch": pairs // batch,
+            "model_name": model_name, "pretrained": pretrained, "train": tc, "method_args": method_args,
+            "steps_per_epoch": pairs // batch,
             "val_shards": [str(storage.join(shard_dir, name)) for name in val["shard"]],
             "threads_per_worker": max(1, int(cpus_per_worker)), "mlflow_uri": mlflow_uri,
             "mlflow_run_id": mlflow_run_id,

@@ -1,14 +1,19 @@
-"""The per-worker training loop (Ray Train `TorchTrainer`), and the plain pieces it is made of.
+"""The per-worker training loop (Ray Train `TorchTrainer`), whatever the method, and the plain pieces it is made of.
 
-Features arrive once per worker through the object store (`features_ref`: zero-copy numpy). Every epoch
-the caption rows are shuffled by (seed, epoch) and cut into global batches; each rank takes its slice of
-each (`epoch_batches`), so training does not depend on the worker count and resumes exactly. Rank 0
-writes checkpoints and MLflow metrics; every rank reports.
+Each worker reads its own rows of the feature store (`pipeline.train.inputs`: memory-mapped, prefetched in a
+thread). Every epoch the caption rows are shuffled by (seed, epoch) and cut into global batches; each rank takes
+its slice of each (`epoch_batches`), so training does not depend on the worker count and resumes exactly. The
+method owns its step (`before_step`, `loss`, `momentum_keys`), its momentum state, its phases and its hooks; the
+loop runs phases (freezing what a phase does not train, a fresh optimizer and schedule per phase), checkpoints
+everything (method, momentum state, optimizer, scheduler, rng, epoch, phase) from rank 0, and prints one line per
+epoch.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,14 +22,15 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from pipeline.config import PhaseConfig
 from pipeline.eval.metrics import evaluate_embeddings
 from pipeline.features.precision import autocast, pick_device, resolve_precision
-from pipeline.methods import create_method
+from pipeline.nn.distributed import all_gather_no_grad
+from pipeline.nn.momentum import WHOLE, MomentumState
 from pipeline.tracking.runs import metric_names
-from pipeline.train.distributed import all_gather_no_grad
-from pipeline.train.momentum import MomentumQueue, MomentumState, ema_update, enqueue_together, momentum_copy
+from pipeline.train.inputs import embed_inputs, prefetch, to_device
 
-CODE_VERSION = 1  # part of the train stage's fingerprint: bump when training results would change
+CODE_VERSION = 2  # part of the train stage's fingerprint: bump when training results would change
 CHECKPOINT_FILE = "state.pt"
 LOG_EVERY_STEPS = 10  # per-step loss parts logged to MLflow every this many steps
 
@@ -39,35 +45,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_batch(split: dict, caption_rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """Returns {"image", "text", "ids"} tensors for the given caption rows of a feature split dict
-    {"image": (N, Di), "text": (M, Dt), "caption_image": (M,)}."""
-    owner = split["caption_image"][caption_rows]
-    return {
-        "image": torch.from_numpy(np.asarray(split["image"][owner], dtype=np.float32)).to(device),
-        "text": torch.from_numpy(np.asarray(split["text"][caption_rows], dtype=np.float32)).to(device),
-        "ids": torch.from_numpy(owner.astype(np.int64)).to(device),
-    }
-
-
-@torch.no_grad()
-def embed_split(model: torch.nn.Module, split: dict, device: torch.device, batch_size: int = 4096):
-    """Returns (image embeddings (N, D), caption embeddings (M, D)) of a feature split."""
-    img = torch.cat([model.encode_image({"image": torch.from_numpy(np.asarray(split["image"][i:i + batch_size],
-                     dtype=np.float32)).to(device)}) for i in range(0, len(split["image"]), batch_size)])
-    txt = torch.cat([model.encode_text({"text": torch.from_numpy(np.asarray(split["text"][i:i + batch_size],
-                     dtype=np.float32)).to(device)}) for i in range(0, len(split["text"]), batch_size)])
-    return img, txt
-
-
-def validate(model: torch.nn.Module, split: dict, device: torch.device) -> dict[str, float]:
-    """Returns R@K metrics of `model` on a feature split, prefixed `val_`."""
-    model.eval()
-    img, txt = embed_split(model, split, device)
-    model.train()
-    return {f"val_{k}": v for k, v in evaluate_embeddings(img, txt, split["caption_image"]).items()}
-
-
 def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
     """Returns this worker's part of every full global batch of the epoch: the rows are shuffled by
     (seed, epoch) alone, global batch b is rows [b*B, (b+1)*B) of that order, and rank r takes its r-th
@@ -78,51 +55,90 @@ def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank:
     return [order[b + rank * local:b + (rank + 1) * local] for b in range(0, num_rows - global_batch + 1, global_batch)]
 
 
-def new_training_state(method: torch.nn.Module, tc: dict, steps_per_epoch: int, device: torch.device):
-    """Returns (MomentumState with an EMA twin and, when `queue_size` > 0, the two queues, AdamW optimizer,
-    warmup-cosine LR scheduler) for a method already on `device`; `tc` is TrainConfig as a dict."""
-    momentum = MomentumState(momentum_copy(method))
-    if tc["queue_size"]:
-        momentum.image_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
-        momentum.text_queue = MomentumQueue(tc["queue_size"], tc["embed_dim"]).to(device)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    total_steps = tc["epochs"] * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc["warmup_steps"], total_steps))
-    return momentum, optimizer, scheduler
+# ---------------------------------------------------------------- phases
+def phases_of(method, tc: dict) -> list[PhaseConfig]:
+    """Returns the training phases: `train.phases` when given (as dicts or PhaseConfig), else the method's default;
+    a phase without `lr` gets `train.lr`."""
+    given = [p if isinstance(p, PhaseConfig) else PhaseConfig(**p) for p in tc.get("phases") or []]
+    phases = given or method.default_phases(tc["epochs"], tc["lr"])
+    return [PhaseConfig(p.name, p.epochs, tc["lr"] if p.lr is None else p.lr, list(p.train)) for p in phases]
 
 
-def train_step(model: torch.nn.Module, method: torch.nn.Module, momentum: MomentumState, optimizer, scheduler,
-               batch: dict, tc: dict, precision: str, device: torch.device) -> dict[str, float]:
-    """One optimisation step: forward through `model` (the DDP wrapper of `method`, or `method` itself),
-    the method's loss, clipped AdamW step, LR step, then the EMA update and the enqueue of the momentum
-    keys (all-gathered across workers). A method that distills (`distill_alpha` > 0) follows ALBEF's order
-    instead: EMA update, momentum outputs in `batch["momentum"]` for its loss, step, enqueue of those
-    outputs. Returns the loss parts and `queue_gather_seconds` as floats."""
-    distilling = getattr(method, "distill_alpha", 0.0) > 0
-    if distilling:
-        ema_update(momentum.model, method, tc["momentum"])
-        with torch.no_grad():
-            batch = {**batch, "momentum": {k: v.float() for k, v in momentum.model(batch).items()}}
+def phase_at(phases: list[PhaseConfig], epoch: int) -> int:
+    """Returns the index of the phase that epoch `epoch` belongs to (phases run in order)."""
+    end = 0
+    for i, p in enumerate(phases):
+        end += p.epochs
+        if epoch < end:
+            return i
+    raise ValueError(f"epoch {epoch} is past the last phase (the phases have {end} epochs)")
+
+
+def apply_phase(method: torch.nn.Module, phase: PhaseConfig) -> int:
+    """Sets requires_grad: True exactly for the parameters of the modules `phase.train` names ("*": all), False
+    for the rest; returns the number of trainable parameters. Raises ValueError naming an unknown module or a
+    phase that trains nothing."""
+    known = dict(method.named_children())
+    unknown = [n for n in phase.train if n != WHOLE and n not in known]
+    if unknown:
+        raise ValueError(f"train.phases ({phase.name}): {type(method).__name__} has no module {unknown[0]!r} "
+                         f"(modules: {', '.join(known)})")
+    trained = {id(p) for n in phase.train for p in (method if n == WHOLE else known[n]).parameters()}
+    count = 0
+    for p in method.parameters():
+        p.requires_grad_(id(p) in trained)
+        count += p.numel() if id(p) in trained else 0
+    if not count:
+        raise ValueError(f"train.phases ({phase.name}): trains no parameter")
+    return count
+
+
+def new_optimizer(method, phase: PhaseConfig, tc: dict, steps_per_epoch: int):
+    """Returns (AdamW over the method's `param_groups(phase)`, warmup-cosine LR scheduler over the phase's steps)."""
+    optimizer = torch.optim.AdamW(method.param_groups(phase), lr=phase.lr, weight_decay=tc["weight_decay"])
+    total = phase.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(tc["warmup_steps"], total), total))
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------- one step
+def train_step(model: torch.nn.Module, method, state: MomentumState, optimizer, scheduler, batch: dict, tc: dict,
+               precision: str, device: torch.device) -> dict[str, float]:
+    """One optimisation step: the method's `before_step`, forward through `model` (the DDP wrapper of `method`, or
+    `method` itself), the method's loss, clipped AdamW step, LR step, then the method's `momentum_keys` enqueued
+    into its queues (one all-gather across workers). Returns the loss parts and `queue_gather_seconds` as floats."""
+    batch = method.before_step(batch, state)
     with autocast(precision, device):
         out = model(batch)
-    parts = method.loss({k: v.float() for k, v in out.items()}, batch, momentum)
+    parts = method.loss({k: v.float() for k, v in out.items()}, batch, state)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(method.parameters(), tc["grad_clip"])
+    torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.requires_grad], tc["grad_clip"])
     optimizer.step()
     scheduler.step()
     result = {k: v.item() for k, v in parts.items()}
-    if momentum.image_queue is not None:
-        if distilling:
-            keys = batch["momentum"]
-        else:
-            ema_update(momentum.model, method, tc["momentum"])
-            with torch.no_grad():
-                keys = momentum.model(batch)
+    keys = method.momentum_keys(batch, out, state)
+    if keys is not None:
         t0 = time.perf_counter()
-        enqueue_together([momentum.image_queue, momentum.text_queue], [keys["image"], keys["text"]], batch["ids"])
+        state.enqueue(*keys)
         result["queue_gather_seconds"] = time.perf_counter() - t0
     return result
+
+
+def validate(method, inputs, device: torch.device) -> dict[str, float]:
+    """Returns R@K metrics of `method` on a split's inputs, prefixed `val_`."""
+    img, txt = embed_inputs(method, inputs, device)
+    return {f"val_{k}": v for k, v in evaluate_embeddings(img, txt, inputs.caption_image).items()}
+
+
+# ---------------------------------------------------------------- the worker
+def quiet_ray_train() -> None:
+    """Silences Ray Train's per-report INFO lines (the whole metrics dict of every rank, twice per epoch, and a
+    line per checkpoint): the loop prints one readable line per epoch instead."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def worker_context(config: dict) -> tuple[int, int, torch.device, str]:
@@ -130,6 +146,7 @@ def worker_context(config: dict) -> tuple[int, int, torch.device, str]:
     torch's threads to `config["threads_per_worker"]`."""
     import ray.train
 
+    quiet_ray_train()
     ctx = ray.train.get_context()
     device = pick_device(config["train"]["use_gpu"])
     if device.type == "cpu":
@@ -138,57 +155,81 @@ def worker_context(config: dict) -> tuple[int, int, torch.device, str]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: method, method_kwargs, init_state (the method's initial state dict,
-    standardisation included), train (TrainConfig as dict), features_ref, threads_per_worker, mlflow_uri,
+    """Ray Train entry point of a method on features. `config`: method, spec (method.json: name, args, dims),
+    init_state (the method's state after `prepare`, identical init on every rank), train (TrainConfig as dict),
+    inputs: {"store", "manifest", "guide"} (where each worker reads its rows), threads_per_worker, mlflow_uri,
     mlflow_run_id, steps_per_epoch."""
-    import ray
     import ray.train.torch
+
+    from pipeline.methods import method_class
+    from pipeline.train.inputs import open_feature_inputs
 
     tc = config["train"]
     rank, world, device, precision = worker_context(config)
-    features = ray.get(config["features_ref"])
-    train_split, val_split = features["train"], features.get("val")
+    cls = method_class(config["method"])
+    method = cls.from_checkpoint(config["spec"], config["init_state"]).train().to(device)
+    src = config["inputs"]
 
-    torch.manual_seed(tc["seed"])
-    method = create_method(config["method"], **config["method_kwargs"])
-    method.load_state_dict(config["init_state"])  # standardization buffers + identical init on every rank
-    method.to(device)
-    momentum, optimizer, scheduler = new_training_state(method, tc, config["steps_per_epoch"], device)
-    model = ray.train.torch.prepare_model(method)
+    def open_inputs(split: str):
+        return open_feature_inputs(cls, method.args, src["store"], src["manifest"], split, src.get("guide"))
+
+    train_inputs = open_inputs("train")
+    val_inputs = open_inputs("val") if src["has_val"] else None
 
     def batches(epoch: int):
-        rows = epoch_batches(len(train_split["caption_image"]), tc["batch_size"], tc["seed"], epoch, rank, world)
-        return (make_batch(train_split, caption_rows, device) for caption_rows in rows)
+        rows = epoch_batches(train_inputs.num_captions, tc["batch_size"], tc["seed"], epoch, rank, world)
+        return (to_device(b, device) for b in prefetch((train_inputs.batch(r) for r in rows), tc["prefetch_batches"]))
 
-    validate_epoch = None if val_split is None else lambda: validate(method, val_split, device)
-    run_epochs(config, tc, model, method, momentum, optimizer, scheduler, batches, validate_epoch, device, precision)
+    validate_epoch = None if val_inputs is None else lambda: validate(method, val_inputs, device)
+    run_epochs(config, tc, method, batches, validate_epoch, device, precision, ray.train.torch.prepare_model,
+               train_inputs)
 
 
-def run_epochs(config: dict, tc: dict, model: torch.nn.Module, method: torch.nn.Module, momentum: MomentumState,
-               optimizer, scheduler, batches: Callable[[int], Iterable[dict]],
-               validate_epoch: Callable[[], dict[str, float]] | None, device: torch.device, precision: str) -> None:
-    """The epochs of a Ray Train worker, whatever feeds it: resumes from `ray.train.get_checkpoint()` (model,
-    momentum twin and queues, optimizer, scheduler, rng, epoch, step), then per epoch runs `train_step` on
-    every batch of `batches(epoch)`, adds `validate_epoch()` (every rank calls it) and the queue checksum and
-    cross-rank sync error to the metrics, logs them to MLflow from rank 0 (`mlflow_run_id` in `config`) and
-    reports them with a checkpoint written by rank 0. Every rank must get the same number of batches."""
+def _load_checkpoint(method, state: MomentumState, device: torch.device) -> dict | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    method.load_state_dict(saved["model"])
+    state.load_state_dict(saved["momentum"])
+    torch.set_rng_state(saved["rng"].cpu())  # map_location may have moved it to the GPU
+    return saved
+
+
+def epoch_line(metrics: dict, total_epochs: int, phase: str, seconds_left: float) -> str:
+    """Returns the console line of an epoch: epoch, phase, loss parts, val R@1 both ways and RSUM, seconds, ETA."""
+    losses = " ".join(f"{k.removeprefix('train_')} {v:.4f}" for k, v in metrics.items()
+                      if k.startswith("train_loss"))
+    val = ""
+    if "val_rsum" in metrics:
+        val = (f" | val R@1 i2t {metrics['val_i2t_R@1']:.1f} t2i {metrics['val_t2i_R@1']:.1f} "
+               f"rsum {metrics['val_rsum']:.1f}")
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+    return (f"[itr] train epoch {metrics['epoch'] + 1}/{total_epochs} ({phase}) {losses}{val} | "
+            f"{metrics['epoch_seconds']:.1f} s, ETA {eta}")
+
+
+def run_epochs(config: dict, tc: dict, method, batches: Callable[[int], Iterable[dict]],
+               validate_epoch: Callable[[], dict[str, float]] | None, device: torch.device, precision: str,
+               wrap: Callable[[torch.nn.Module], torch.nn.Module], inputs=None) -> None:
+    """The epochs of a Ray Train worker, whatever feeds it. Builds the method's momentum state, resumes from
+    `ray.train.get_checkpoint()` (method, momentum state, optimizer and scheduler of the phase, rng, epoch,
+    step), then per epoch: at a phase start, freezes what the phase does not train, wraps the method for DDP
+    (`wrap`) and makes the phase's optimizer; calls the method's `on_epoch_start(epoch, inputs, state)`; runs
+    `train_step` on every batch of `batches(epoch)`; adds `validate_epoch()` (every rank calls it), the queue
+    checksum and cross-rank sync error; logs to MLflow from rank 0 and prints one line; reports with a
+    checkpoint written by rank 0. Every rank must get the same number of batches."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        method.load_state_dict(state["model"])
-        momentum.model.load_state_dict(state["momentum"])
-        if momentum.image_queue is not None:
-            momentum.image_queue.load_state_dict(state["image_queue"])
-            momentum.text_queue.load_state_dict(state["text_queue"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
-        start_epoch, step = state["epoch"] + 1, state["step"]
+    state = method.new_state().to(device)
+    phases = phases_of(method, tc)
+    total_epochs = sum(p.epochs for p in phases)
+    saved = _load_checkpoint(method, state, device)
+    start_epoch, step = (saved["epoch"] + 1, saved["step"]) if saved else (0, 0)
 
     client = monitor = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -200,13 +241,25 @@ def run_epochs(config: dict, tc: dict, model: torch.nn.Module, method: torch.nn.
         monitor = SystemMetricsMonitor(config["mlflow_run_id"], sampling_interval=tc["system_metrics_seconds"],
                                        resume_logging=start_epoch > 0, tracking_uri=config["mlflow_uri"])
         monitor.start()
-    for epoch in range(start_epoch, tc["epochs"]):
+    current, model, optimizer, scheduler = None, None, None, None
+    run_t0, run_epochs_done = time.perf_counter(), 0
+    for epoch in range(start_epoch, total_epochs):
+        index = phase_at(phases, epoch)
+        if index != current:
+            current, phase = index, phases[index]
+            apply_phase(method, phase)
+            model = wrap(method)
+            optimizer, scheduler = new_optimizer(method, phase, tc, config["steps_per_epoch"])
+            if saved and saved.get("phase") == index:  # resuming inside this phase
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
         t0 = time.perf_counter()
+        method.on_epoch_start(epoch, inputs, state)
         sums: dict[str, float] = {}
         step_metrics = []
         steps = 0
         for batch in batches(epoch):
-            parts = train_step(model, method, momentum, optimizer, scheduler, batch, tc, precision, device)
+            parts = train_step(model, method, state, optimizer, scheduler, batch, tc, precision, device)
             step += 1
             steps += 1
             for k, v in parts.items():
@@ -217,11 +270,12 @@ def run_epochs(config: dict, tc: dict, model: torch.nn.Module, method: torch.nn.
         queue_seconds = sums.pop("queue_gather_seconds", 0.0)
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics["queue_gather_seconds"] = queue_seconds
-        metrics.update(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - t0)
+        metrics.update(epoch=epoch, step=step, phase=index, lr=scheduler.get_last_lr()[0],
+                       epoch_seconds=time.perf_counter() - t0)
         if validate_epoch is not None:
             metrics.update(validate_epoch())
-        if momentum.image_queue is not None:
-            checksum = momentum.image_queue.checksum() + momentum.text_queue.checksum()
+        if state.queues:
+            checksum = state.checksum()
             every_rank = all_gather_no_grad(torch.tensor([checksum], dtype=torch.float64, device=device))
             metrics["queue_checksum"] = checksum
             metrics["queue_sync_error"] = float((every_rank - every_rank[0]).abs().max())  # 0: identical queues
@@ -229,23 +283,27 @@ def run_epochs(config: dict, tc: dict, model: torch.nn.Module, method: torch.nn.
             step_metrics += [Metric(k, v, int(time.time() * 1000), epoch) for k, v in metric_names(metrics).items()]
             for start in range(0, len(step_metrics), 1000):  # MLflow's limit per batch
                 client.log_batch(config["mlflow_run_id"], metrics=step_metrics[start:start + 1000])
+        run_epochs_done += 1
+        if rank == 0:
+            per_epoch = (time.perf_counter() - run_t0) / run_epochs_done
+            print(epoch_line(metrics, total_epochs, phases[index].name, per_epoch * (total_epochs - epoch - 1)),
+                  file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                state = {
-                    "model": method.state_dict(),
-                    "momentum": momentum.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "step": step,
-                }
-                if momentum.image_queue is not None:
-                    state["image_queue"] = momentum.image_queue.state_dict()
-                    state["text_queue"] = momentum.text_queue.state_dict()
-                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                torch.save({"model": method.state_dict(), "momentum": state.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state(), "epoch": epoch, "step": step, "phase": index},
+                           os.path.join(tmp, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
     if monitor is not None:
         monitor.finish()
+
+
+def new_training_state(method, tc: dict, steps_per_epoch: int, device: torch.device):
+    """Returns (the method's momentum state on `device`, the optimizer and scheduler of its first phase, which
+    is applied): what `run_epochs` starts from, for single-process use (tests, the bare-loop benchmark)."""
+    phase = phases_of(method, tc)[0]
+    apply_phase(method, phase)
+    return method.new_state().to(device), *new_optimizer(method, phase, tc, steps_per_epoch)

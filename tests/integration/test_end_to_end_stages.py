@@ -24,16 +24,18 @@ def test_stages_fine_tune_from_the_shards_with_identical_queues_and_evaluate(ray
 
     cfg = load_config(None, TINY_OVERRIDES + [
         f"workdir={tmp_path / 'w'}", "data.synth.num_train=40", "data.synth.num_val=8", "data.synth.num_test=8",
-        "train.mode=end_to_end", "train.epochs=2", "train.batch_size=40", "train.queue_size=80", "train.lr=1e-3",
+        "train.method=clip_finetune", "train.method_args={queue_size: 80}", "train.epochs=2", "train.batch_size=40",
+        "train.lr=1e-3",
         "train.warmup_steps=2", "train.max_failures=0"])
     results = run_stages(cfg, tracker)
     assert set(results) == {"synth", "shard", "train", "eval"}  # no feature extraction in this mode
     trained = results["train"]
-    assert trained.info["mode"] == "end_to_end" and trained.info["epoch"] in (0, 1)
+    assert trained.info["method"].startswith("clip_finetune") and trained.info["epoch"] in (0, 1)
     with (Path(trained.info["checkpoint"]) / "state.pt").open("rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
-    assert {"model", "momentum", "image_queue", "text_queue", "optimizer", "scheduler", "rng"} <= set(state)
-    assert state["image_queue"]["features"].shape == (80, 64) and bool((state["image_queue"]["ids"] >= 0).all())
+    assert {"model", "momentum", "optimizer", "scheduler", "rng"} <= set(state)
+    queue_ids = state["momentum"]["queues.image.ids"]
+    assert state["momentum"]["queues.image.features"].shape == (80, 64) and bool((queue_ids >= 0).all())
     load_clip("itr-vit-micro-32", str(trained.path / "model.pt"), torch.device("cpu"))  # a plain open_clip checkpoint
 
     client = MlflowClient(tracker.uri)
@@ -48,7 +50,7 @@ def test_stages_fine_tune_from_the_shards_with_identical_queues_and_evaluate(ray
     manifest = read_manifest(results["shard"].path)
     storage = {"storage_path": str(cfg.workdir_path / "ray_results")}
     resumed = fit_end_to_end(results["shard"].path, manifest, "itr-vit-micro-32", None,
-                             to_dict(cfg.train) | {"epochs": 3}, storage,
+                             to_dict(cfg.train) | {"epochs": 3}, cfg.train.method_args, storage,
                              f"train-{trained.fingerprint}", tracker.uri, trained.run_id, num_workers=2, use_gpu=False)
     assert resumed.metrics["epoch"] == 2 and resumed.metrics["step"] == 3 * (200 // 40)
     assert resumed.metrics["queue_sync_error"] == 0.0

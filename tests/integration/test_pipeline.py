@@ -86,7 +86,10 @@ def test_chain_then_cached_rerun(ray_cluster, tracker, tmp_path, monkeypatch):
     for stage in ("synth", "shard", "extract", "train"):
         assert again[stage].data.tags["itr.cached_from"] == first[stage].run_id
         assert first[stage].run_id in again[stage].data.tags["mlflow.note.content"]
-    assert json.loads((second["eval"].path / "metrics.json").read_text()) == metrics
+    def numbers(m: dict) -> dict:  # the same metrics; the timings of the two evaluations differ
+        return {k: v for k, v in m.items() if not k.endswith("_seconds")}
+
+    assert numbers(json.loads((second["eval"].path / "metrics.json").read_text())) == numbers(metrics)
     mlflow.end_run()
 
 

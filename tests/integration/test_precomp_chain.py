@@ -36,7 +36,7 @@ def test_precomp_release_imports_trains_and_evaluates(ray_cluster, tracker, tmp_
     write_release(root, "dev", 20, 2)
     write_release(root, "testall", 30, 3)
     cfg = load_config(None, TINY_OVERRIDES + [f"workdir={tmp_path / 'w'}", "data.source=precomp", "data.name=coco",
-                                              f"data.root={root}", "train.queue_size=0"])
+                                              f"data.root={root}", "train.method_args.queue_size=0"])
     results = run_stages(cfg, tracker)
     assert set(results) == {"extract", "train", "eval"} and results["extract"].stage == "import"
     split = store.read_split(*store.open_selection(results["extract"].path), "test", ("region_feats",))

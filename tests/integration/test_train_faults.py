@@ -48,22 +48,36 @@ def overrides() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clean_model(ray_cluster, tmp_path_factory) -> tuple[dict, int]:
-    """(state dict, epoch) of the same training, uninterrupted, in its own workdir."""
+def clean_model(ray_cluster, tmp_path_factory) -> tuple[dict, int, dict]:
+    """(state dict, epoch, the method's momentum state in that epoch's checkpoint) of the same training,
+    uninterrupted, in its own workdir."""
     from pipeline.tracking.runs import open_tracker
 
     workdir = tmp_path_factory.mktemp("clean")
     tracker = open_tracker(f"sqlite:///{workdir}/mlflow.db", "clean")
     clean = run_stages(load_config(None, overrides() + [f"workdir={workdir}"]), tracker, "train")["train"]
-    return torch.load(clean.path / "model.pt", weights_only=True), clean.info["epoch"]
+    return (torch.load(clean.path / "model.pt", weights_only=True), clean.info["epoch"],
+            checkpoint_state(clean)["momentum"])
+
+
+def checkpoint_state(trained) -> dict:
+    return torch.load(Path(trained.info["checkpoint"]) / "state.pt", map_location="cpu", weights_only=True)
 
 
 def assert_same_model(trained, clean_model) -> None:
-    state, epoch = clean_model
+    state, epoch, momentum = clean_model
     assert trained.info["epoch"] == epoch
     got = torch.load(trained.path / "model.pt", weights_only=True)
     for name in got:
         assert torch.allclose(got[name], state[name], atol=1e-5), name
+    # the state the method owns (EMA copy, both queues with their ids and write pointers) survives the restart
+    resumed = checkpoint_state(trained)["momentum"]
+    assert set(resumed) == set(momentum) and {"queues.image.ids", "queues.text.ptr"} <= set(resumed)
+    for name, value in resumed.items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(value, momentum[name], atol=1e-5), name
+        else:
+            assert torch.equal(value, momentum[name]), name  # ids and pointers: bit for bit
 
 
 def test_killed_worker_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(ray_cluster, tracker, tmp_path,

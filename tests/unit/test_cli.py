@@ -33,6 +33,17 @@ def test_unknown_key_exits_2_naming_it(tmp_path, capsys):
     assert "unknown config key train.lerning_rate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.method_args.temprature=0.1", "unknown config key train.method_args (infonce).temprature"),
+    ("train.method=vsepp", "train.method: unknown method 'vsepp'"),
+    ("train.method_args.queue_size=100", "train.method_args.queue_size: 100 is not a multiple"),
+])
+def test_bad_method_or_argument_exits_2_before_ray_starts(tmp_path, capsys, override, message):
+    assert main(["run", _write(tmp_path, "{}"), f"workdir={tmp_path / 'w'}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w" / "data").exists()  # nothing ran: not even the synth stage
+
+
 def test_missing_dataset_path_exits_2_before_any_work(tmp_path, capsys):
     assert main(["run", _write(tmp_path, "data: {source: coco, root: /nonexistent/coco}"),
                  f"workdir={tmp_path / 'w'}"]) == 2

@@ -14,6 +14,9 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.data import shard
 from pipeline.data.sources import synthetic
+from pipeline.methods.clip_finetune import ClipFineTuneArgs
+from pipeline.nn.losses import queue_infonce
+from pipeline.nn.momentum import WHOLE, MomentumState
 from pipeline.train.end_to_end import (
     PairCollate,
     embed_shards,
@@ -24,8 +27,6 @@ from pipeline.train.end_to_end import (
     shard_pairs,
 )
 from pipeline.train.loop import new_training_state, train_step
-from pipeline.train.losses import queue_infonce
-from pipeline.train.momentum import MomentumQueue, MomentumState, momentum_copy
 
 MODEL = "itr-vit-micro-32"  # embed_dim 64, 32 px, context length 32
 CPU = torch.device("cpu")
@@ -71,7 +72,8 @@ def split_paths(tiny_shards, split: str) -> list[str]:
 def test_forward_gives_normalised_embeddings_and_the_loss_is_the_queue_infonce():
     method, _, tokenizer = load_clip(MODEL, None, CPU)
     assert method.embed_dim == 64 and method.training
-    assert not method.clip.logit_scale.requires_grad  # unused by the fixed-temperature loss: frozen for DDP
+    assert not method.clip.logit_scale.requires_grad  # unused by the fixed-temperature loss: a buffer, for DDP
+    assert "logit_scale" not in dict(method.clip.named_parameters()) and "clip.logit_scale" in method.state_dict()
     batch = {"pixels": torch.randn(4, 3, 32, 32), "ids": torch.tensor([0, 0, 1, 2]),
              "tokens": tokenizer(["a red circle", "a circle in red", "a blue square", "two green crosses"])}
     assert batch["tokens"].shape == (4, 32)
@@ -79,14 +81,14 @@ def test_forward_gives_normalised_embeddings_and_the_loss_is_the_queue_infonce()
     for name in ("image", "text"):
         assert out[name].shape == (4, 64)
         assert torch.allclose(out[name].norm(dim=1), torch.ones(4), atol=1e-5)
-    state = MomentumState(momentum_copy(method), MomentumQueue(8, 64), MomentumQueue(8, 64))
+    state = MomentumState(method, ema=(WHOLE,), queues={"image": 64, "text": 64}, queue_size=8)
     with torch.no_grad():
-        keys = state.model(batch)
-    state.image_queue.write(keys["image"], batch["ids"] + 10)
-    state.text_queue.write(keys["text"], batch["ids"] + 10)
+        keys = state.ema[WHOLE](batch)
+    state.queues["image"].write(keys["image"], batch["ids"] + 10)
+    state.queues["text"].write(keys["text"], batch["ids"] + 10)
     parts = method.loss(out, batch, state)
-    want = queue_infonce(out["image"], out["text"], batch["ids"], 0.05, img_queue=state.image_queue.valid(),
-                         txt_queue=state.text_queue.valid())
+    want = queue_infonce(out["image"], out["text"], batch["ids"], 0.05, img_queue=state.queue("image"),
+                         txt_queue=state.queue("text"))
     assert set(parts) == {"loss", "loss_i2t", "loss_t2i"}
     assert torch.allclose(parts["loss"], want["loss"])
     assert not torch.allclose(parts["loss"], method.loss(out, batch, None)["loss"])  # the queue counts
@@ -114,11 +116,10 @@ def test_pair_rows_and_collate_on_real_tars(tiny_shards):
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_shards):
     torch.manual_seed(0)
-    method, preprocess, tokenizer = load_clip(MODEL, None, CPU)
+    method, preprocess, tokenizer = load_clip(MODEL, None, CPU, args=ClipFineTuneArgs(queue_size=32))
     rows = shard_pairs({"path": split_paths(tiny_shards, "train")[0], "first_id": 0, "num_samples": 16})
     batch = PairCollate(preprocess, tokenizer)(numpy_batch(rows[::2][:16]))  # 7 images, 2-3 captions each
-    tc = dataclasses.asdict(TrainConfig(batch_size=16, queue_size=32, lr=1e-3, warmup_steps=1, epochs=1))
-    tc["embed_dim"] = method.embed_dim
+    tc = dataclasses.asdict(TrainConfig(batch_size=16, lr=1e-3, warmup_steps=1, epochs=1))
     momentum, optimizer, scheduler = new_training_state(method, tc, 100, CPU)  # LR near its peak throughout
 
     def loss() -> float:
@@ -130,8 +131,8 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_shards):
         parts = train_step(method, method, momentum, optimizer, scheduler, batch, tc, "fp32", CPU)
         assert np.isfinite(parts["loss"])
     assert loss() < 0.5 * before  # 2.5 -> about 0.5 (chance level is about 1.9)
-    assert bool((momentum.image_queue.ids >= 0).all())  # 12 steps x 16 keys filled the queue of 32
-    assert not torch.equal(momentum.model.clip.visual.proj, method.clip.visual.proj)  # the EMA twin lags
+    assert bool((momentum.queues["image"].ids >= 0).all())  # 12 steps x 16 keys filled the queue of 32
+    assert not torch.equal(momentum.ema[WHOLE].clip.visual.proj, method.clip.visual.proj)  # the EMA twin lags
 
 
 def test_embed_shards_encodes_each_image_once_and_the_checkpoint_is_an_open_clip_one(tiny_shards, tmp_path):
@@ -160,10 +161,9 @@ def test_exactly_takes_the_steps_and_refuses_a_short_split():
 
 
 @pytest.mark.parametrize("change, match", [({"batch_size": 300}, "fewer than one global batch"),
-                                           ({"batch_size": 45}, "multiple of train.num_workers"),
-                                           ({"queue_size": 100}, "divide train.queue_size")])
+                                           ({"batch_size": 45}, "multiple of train.num_workers")])
 def test_fit_refuses_batches_that_cannot_run_before_starting_anything(tiny_shards, change, match):
     shard_dir, manifest = tiny_shards
-    tc = dataclasses.asdict(TrainConfig(batch_size=40, queue_size=80)) | change
+    tc = dataclasses.asdict(TrainConfig(batch_size=40)) | change
     with pytest.raises(ValueError, match=match):
-        fit_end_to_end(shard_dir, manifest, MODEL, None, tc, {}, "unused", None, None, 2, False)
+        fit_end_to_end(shard_dir, manifest, MODEL, None, tc, {}, {}, "unused", None, None, 2, False)

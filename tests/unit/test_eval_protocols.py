@@ -104,7 +104,7 @@ def test_two_stage_with_global_rerank_equals_one_stage_within_k_and_misses_stay_
     t2i = two_stage_ranks(txt, img, t2i_pos, k, lambda rows, cand: (txt[rows][:, None, :] * img[cand]).sum(-1))
     within = one_stage_t2i < k
     assert np.array_equal(t2i[within], one_stage_t2i[within])
-    assert (t2i[~within] == k).all() and (~within).any()  # outside the candidates: a miss, never a hit
+    assert (t2i[~within] == len(img)).all() and (~within).any()  # outside the candidates: a miss, never a hit
     # a reranker that puts the true image first fixes every query whose image is a candidate, no more
     oracle = two_stage_ranks(txt, img, t2i_pos, k, lambda rows, cand: (cand == o[rows][:, None]).float())
     assert np.array_equal(oracle == 0, within)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.train.losses import distilled_nce, hardest_negative_triplet, queue_infonce
+from pipeline.nn.losses import distilled_nce, hardest_negative_triplet, queue_infonce
 
 BATCH, DIM = 6, 4
 
@@ -71,6 +71,7 @@ def _worker(rank: int, init_file: str, name: str, out_dir: str) -> None:
     _loss(weight, x[half], y[half], ids[half], name, gather=True).backward()
     dist.all_reduce(weight.grad)  # what DDP does: average the ranks' gradients
     torch.save(weight.grad / 2, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 

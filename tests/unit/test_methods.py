@@ -10,23 +10,43 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.eval.metrics import evaluate_embeddings
 from pipeline.methods import METHODS, create_method
-from pipeline.train.loop import epoch_batches, make_batch, new_training_state, train_step, warmup_cosine
+from pipeline.train.inputs import embed_inputs
+from pipeline.train.loop import epoch_batches, new_training_state, train_step, warmup_cosine
+from tests.method_fixtures import ArraySplit, feature_inputs
+
+DIMS = {"image_embed": 4, "image_pooled": 6, "text_embed": 5, "text_pooled": 7}
+
+
+def head_split(image: np.ndarray, text: np.ndarray, caption_image: np.ndarray) -> ArraySplit:
+    """Puts (N, 10) image and (M, 12) text features in the heads' four columns."""
+    return ArraySplit({"image_embed": image[:, :4], "image_pooled": image[:, 4:]},
+                      {"text_embed": text[:, :5], "text_pooled": text[:, 5:]}, caption_image)
 
 
 def test_registry_and_unknown_name():
-    assert "infonce" in METHODS
+    assert "infonce" in METHODS and {"infonce", "vse", "clip_finetune"} <= set(METHODS.names())
     with pytest.raises(ValueError, match="unknown method 'vsepp'"):
         create_method("vsepp")
 
 
+def test_unknown_or_mistyped_method_argument_is_named():
+    with pytest.raises(ValueError, match="unknown config key train.method_args.temprature"):
+        create_method("infonce", {"temprature": 0.1}, DIMS)
+    with pytest.raises(ValueError, match="train.method_args.margin: expected a number"):
+        create_method("vse", {"margin": "wide"}, DIMS)
+    with pytest.raises(ValueError, match="unknown config key train.method_args.margin"):
+        create_method("infonce", {"margin": 0.2}, DIMS)  # another method's argument
+
+
 def test_standardisation_removes_a_shared_offset():
-    head = create_method("infonce", image_dim=4, text_dim=3, embed_dim=8, hidden_dim=16)
-    img = torch.randn(100, 4) * 0.01 + 50.0  # a large common component, as random-init features have
-    txt = torch.randn(100, 3) + 5.0
-    head.set_standardization(img, txt)
-    x = (img - head.image_mean) / head.image_std
+    head = create_method("infonce", {"embed_dim": 8, "hidden_dim": 16}, DIMS)
+    img = np.random.randn(100, 10) * 0.01 + 50.0  # a large common component, as random-init features have
+    txt = np.random.randn(100, 12) + 5.0
+    inputs = feature_inputs(type(head), head.args, head_split(img, txt, np.arange(100)))
+    head.prepare(inputs)
+    x = (torch.from_numpy(img).float() - head.image_mean) / head.image_std
     assert x.mean(0).abs().max() < 1e-3 and (x.std(0) - 1).abs().max() < 1e-3
-    out = head({"image": img[:5], "text": txt[:5]})
+    out = head(inputs.batch(np.arange(5)))
     assert out["image"].shape == (5, 8) and torch.allclose(out["image"].norm(dim=1), torch.ones(5))
     assert head.score(out["image"], out["text"]).shape == (5, 5)
 
@@ -41,25 +61,28 @@ def test_head_learns_a_noisy_pairing_with_queue(name, extra):
              "text": (latent.repeat_interleave(per, 0) @ torch.randn(6, 12)
                       + 0.1 * torch.randn(n * per, 12)).numpy().astype(np.float16),
              "caption_image": np.repeat(np.arange(n), per)}
-    head = create_method(name, image_dim=10, text_dim=12, embed_dim=16, hidden_dim=32, **extra)
-    head.set_standardization(torch.from_numpy(split["image"]).float(), torch.from_numpy(split["text"]).float())
-    tc = dataclasses.asdict(TrainConfig(epochs=40, batch_size=32, lr=3e-3, warmup_steps=4, queue_size=64, embed_dim=16))
+    args = {"embed_dim": 16, "hidden_dim": 32, **extra} | ({"queue_size": 64} if name == "infonce" else {})
+    head = create_method(name, args, DIMS)
+    inputs = feature_inputs(type(head), head.args, head_split(split["image"], split["text"], split["caption_image"]))
+    head.prepare(inputs)
+    tc = dataclasses.asdict(TrainConfig(epochs=40, batch_size=32, lr=3e-3, warmup_steps=4))
     cpu = torch.device("cpu")
     state, opt, scheduler = new_training_state(head, tc, (n * per) // 32, cpu)
 
     def metrics():
-        with torch.no_grad():
-            return evaluate_embeddings(head.encode_image({"image": torch.from_numpy(split["image"])}),
-                                       head.encode_text({"text": torch.from_numpy(split["text"])}),
-                                       split["caption_image"])
+        return evaluate_embeddings(*embed_inputs(head, inputs, cpu), split["caption_image"])
 
     before = metrics()["rsum"]
     for epoch in range(40):
         for rows in epoch_batches(n * per, 32, 0, epoch, 0, 1):
-            parts = train_step(head, head, state, opt, scheduler, make_batch(split, rows, cpu), tc, "fp32", cpu)
+            parts = train_step(head, head, state, opt, scheduler, inputs.batch(rows), tc, "fp32", cpu)
     after = metrics()
-    assert set(parts) == {"loss", "loss_i2t", "loss_t2i", "queue_gather_seconds"}
-    assert int(state.image_queue.ptr) == 0 and (state.image_queue.ids >= 0).all()  # filled, wrapped around
+    if name == "infonce":
+        assert set(parts) == {"loss", "loss_i2t", "loss_t2i", "queue_gather_seconds"}
+        queue = state.queues["image"]
+        assert int(queue.ptr) == 0 and (queue.ids >= 0).all()  # filled, wrapped around
+    else:
+        assert set(parts) == {"loss", "loss_i2t", "loss_t2i"} and not state.queues  # VSE++ owns no momentum state
     assert after["rsum"] > before + 150 and after["t2i_R@1"] > 60
 
 

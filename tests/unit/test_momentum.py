@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.train.losses import multi_positive_nce, queue_infonce
-from pipeline.train.momentum import MomentumQueue, ema_update, enqueue_together, momentum_copy
+from pipeline.nn.losses import multi_positive_nce, queue_infonce
+from pipeline.nn.momentum import MomentumQueue, ema_update, enqueue_together, momentum_copy
 
 STEPS, LOCAL_BATCH, DIM, SIZE = 5, 2, 3, 8
 
@@ -44,6 +44,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         enqueue_together([packed_a, packed_b], [keys[sl], keys[sl, :2] * 2], ids[sl])
     torch.save((q.features.clone(), q.ids.clone(), int(q.ptr), q.checksum(), packed_a.checksum(),
                 packed_b.features.clone()), f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -5,27 +5,28 @@ an unsafe key), a `Rejected` record. Only a problem with the dataset as a whole 
 annotation file) raises."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.data.sample import Rejected, Sample
+from pipeline.registry import Registry
 
-SOURCES = {
-    "synthetic": "pipeline.data.sources.synthetic",
-    "coco": "pipeline.data.sources.coco",
-    "flickr30k": "pipeline.data.sources.flickr30k",
-    "nuswide": "pipeline.data.sources.nuswide",
+SOURCES = Registry("data source", "data.source")
+for _name, _entry in {
+    "synthetic": "pipeline.data.sources.synthetic:load_samples",
+    "coco": "pipeline.data.sources.coco:load_samples",
+    "flickr30k": "pipeline.data.sources.flickr30k:load_samples",
+    "nuswide": "pipeline.data.sources.nuswide:load_samples",
     "nuswide10k": "pipeline.data.sources.nuswide:load_nuswide10k",
-}
+    "precomp": "pipeline.data.sources.precomp",  # features, not images: no load_samples
+}.items():
+    SOURCES.register(_name, _entry)
 FEATURE_SOURCES = {"precomp"}  # no images: imported straight into the feature store (pipeline.features.precomp)
 
 
 def check_source(source: str, root: str | Path) -> None:
     """Raises ValueError for an unknown source, FileNotFoundError naming `root` when it is missing."""
-    if source not in SOURCES and source not in FEATURE_SOURCES:
-        known = ", ".join(sorted(set(SOURCES) | FEATURE_SOURCES))
-        raise ValueError(f"data.source: unknown data source {source!r} (known: {known})")
+    SOURCES.check(source)
     if not storage.is_dir(root):
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
 
@@ -36,5 +37,4 @@ def load_samples(source: str, root: str | Path, name: str) -> tuple[list[Sample]
     if source in FEATURE_SOURCES:
         raise ValueError(f"data.source: {source} holds features, not images: it has no shard stage (`itr extract` "
                          "imports it into the feature store)")
-    module, _, function = SOURCES[source].partition(":")
-    return getattr(importlib.import_module(module), function or "load_samples")(storage.as_location(root), name)
+    return SOURCES.get(source)(storage.as_location(root), name)

@@ -4,14 +4,15 @@ with_tokens)` and `tokenize(ext, texts)` + `encode_tokens(ext, inputs, with_toke
 prepares the next batch in a background thread while the model runs (`pipeline.features.extract`)."""
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-EXTRACTORS = {"open_clip": "pipeline.features.extractors.openclip", "hf": "pipeline.features.extractors.hf"}
+from pipeline.registry import Registry
+
+EXTRACTORS = Registry("extractor", "features.extractor")
+EXTRACTORS.register("open_clip", "pipeline.features.extractors.openclip")
+EXTRACTORS.register("hf", "pipeline.features.extractors.hf")
 
 
 def get_extractor(name: str) -> ModuleType:
     """Returns the extractor module registered under `name`."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"features.extractor: unknown extractor {name!r} (known: {', '.join(sorted(EXTRACTORS))})")
-    return importlib.import_module(EXTRACTORS[name])
+    return EXTRACTORS.get(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.distributed import all_gather_no_grad, all_gather_with_grad
+from pipeline.nn.distributed import all_gather_no_grad, all_gather_with_grad
 
 
 def _keys(x: torch.Tensor, ids: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
