@@ -84,6 +84,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # per phase, after the warmup: cosine (to 0) | step (x lr_gamma at each milestone)
+    lr_milestones: list[int] = field(default_factory=list)  # step schedule: epochs of the phase where LR drops
+    lr_gamma: float = 0.1
     grad_clip: float = 1.0
     num_workers: int = 2
     use_gpu: bool = False
@@ -278,6 +281,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={cfg.train.num_workers}"
         )
+    if cfg.train.lr_schedule not in ("cosine", "step"):
+        raise ConfigError(f"train.lr_schedule: expected cosine or step, got {cfg.train.lr_schedule!r}")
     for i, phase in enumerate(cfg.train.phases):
         if phase.epochs <= 0 or not phase.train:
             raise ConfigError(f"train.phases[{i}] ({phase.name}): needs epochs > 0 and a non-empty `train` list")

@@ -21,7 +21,9 @@ class Registry:
         """Registers `entry` under `name` and returns it; without `entry`, returns a decorator that does so.
         Raises ValueError when `name` is taken by another entry."""
         def add(obj: Any) -> Any:
-            if name in self._entries and self._entries[name] is not obj:
+            known = self._entries.get(name)
+            lazy_of_obj = isinstance(known, str) and getattr(obj, "__module__", None) == known.partition(":")[0]
+            if name in self._entries and known is not obj and not lazy_of_obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
             return obj
@@ -41,12 +43,15 @@ class Registry:
             raise ValueError(f"{self.key}: unknown {self.kind} {name!r} (known: {', '.join(self.names())})")
 
     def get(self, name: str) -> Any:
-        """Returns the entry registered under `name`, importing a lazy `module[:attribute]` entry."""
+        """Returns the entry registered under `name`, importing a lazy `module[:attribute]` entry (a module that
+        registers an object under `name` when imported replaces its lazy entry)."""
         self.check(name)
         entry = self._entries[name]
         if isinstance(entry, str):
             module, _, attribute = entry.partition(":")
             loaded = importlib.import_module(module)
+            if not isinstance(self._entries[name], str):  # importing it registered the real entry
+                return self._entries[name]
             entry = getattr(loaded, attribute) if attribute else loaded
         return entry
 

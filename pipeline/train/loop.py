@@ -45,6 +45,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+def warmup_step_decay(warmup_steps: int, milestones: list[int], gamma: float):
+    """Returns the LR multiplier function: linear warmup, then x `gamma` at each step in `milestones`."""
+    def factor(step: int) -> float:
+        warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+        return warm * gamma ** sum(step >= m for m in milestones)
+    return factor
+
+
 def epoch_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
     """Returns this worker's part of every full global batch of the epoch: the rows are shuffled by
     (seed, epoch) alone, global batch b is rows [b*B, (b+1)*B) of that order, and rank r takes its r-th
@@ -94,11 +102,17 @@ def apply_phase(method: torch.nn.Module, phase: PhaseConfig) -> int:
 
 
 def new_optimizer(method, phase: PhaseConfig, tc: dict, steps_per_epoch: int):
-    """Returns (AdamW over the method's `param_groups(phase)`, warmup-cosine LR scheduler over the phase's steps)."""
+    """Returns (AdamW over the method's `param_groups(phase)`, the phase's LR scheduler: warmup, then cosine over
+    the phase's steps or, with `lr_schedule: step`, x `lr_gamma` at each of `lr_milestones` (epochs of the
+    phase))."""
     optimizer = torch.optim.AdamW(method.param_groups(phase), lr=phase.lr, weight_decay=tc["weight_decay"])
     total = phase.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(tc["warmup_steps"], total), total))
-    return optimizer, scheduler
+    warmup = min(tc["warmup_steps"], total)
+    if tc.get("lr_schedule", "cosine") == "step":
+        factor = warmup_step_decay(warmup, [m * steps_per_epoch for m in tc["lr_milestones"]], tc["lr_gamma"])
+    else:
+        factor = warmup_cosine(warmup, total)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------- one step

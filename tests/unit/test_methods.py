@@ -98,3 +98,20 @@ def test_warmup_cosine_schedule():
     f = warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+
+
+def test_a_listed_method_that_is_not_implemented_says_so():
+    from pipeline.methods import METHODS, implemented, method_class
+
+    assert {"user", "tgdt", "coder", "scl"} <= set(METHODS.names())  # every seed method is listed by name
+    assert {"infonce", "vse", "pool", "clip_finetune"} <= set(implemented())
+    for name in set(METHODS.names()) - set(implemented()):
+        with pytest.raises(ValueError, match=f"train.method: '{name}' is not implemented yet"):
+            method_class(name)
+
+
+def test_step_decay_schedule():
+    from pipeline.train.loop import warmup_step_decay
+
+    f = warmup_step_decay(2, [10, 20], 0.1)
+    assert f(0) == pytest.approx(0.5) and f(5) == 1.0 and f(10) == pytest.approx(0.1) and f(25) == pytest.approx(0.01)
