@@ -73,6 +73,18 @@ class Method(nn.Module):
         """Returns the store columns the method reads."""
         raise NotImplementedError
 
+    @classmethod
+    def requires(cls, args: Any) -> dict[str, tuple[str, dict, dict]]:
+        """Returns the trainings this method builds on, each run (or reused from the cache) as a train stage of its
+        own, with its own fingerprint and MLflow run: {part: (method name, its method_args, train config
+        overrides such as {"epochs": 3})}. Changing only this method's own arguments retrains only it. Their
+        trained methods reach `attach`. Default: none."""
+        return {}
+
+    def attach(self, parts: dict[str, "Method"]) -> None:
+        """Called on the driver, before `prepare`, with the trained methods of `requires` (eval mode, CPU): copy
+        what you build on into your own modules (their weights reach the workers in this method's state dict)."""
+
     def prepare(self, inputs) -> None:
         """Called once on the driver before training, with the train split's inputs (`pipeline.train.inputs`)."""
 

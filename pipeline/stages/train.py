@@ -2,6 +2,7 @@
 straight from the tars), its momentum state kept identical on every worker."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -106,13 +107,17 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult, guide: Stage
 
     tc = cfg.train
     cls, args = resolve_method(tc)
+    parts = {key: run_train(dataclasses.replace(cfg, train=dataclasses.replace(
+        tc, method=name, method_args=method_args, phases=[], **overrides)), tracker, features, guide)
+        for key, (name, method_args, overrides) in cls.requires(args).items()}  # each cached and tracked itself
     store_root, manifest = store.open_selection(features.path)
     guide_src = store.open_selection(guide.path) if guide else None  # (store folder, selection manifest)
     input_digest = frame_digest(manifest[["split", "shard", "shard_sha256"]])
     fp = train_fingerprint(tc, args, features=features.fingerprint, code=CODE_VERSION,
-                           **({"guide": guide.fingerprint} if guide else {}))
+                           **({"guide": guide.fingerprint} if guide else {}),
+                           **({"parts": {k: p.fingerprint for k, p in parts.items()}} if parts else {}))
     out = cfg.workdir_path / "train" / fp
-    upstream = [features.run_id] + ([guide.run_id] if guide else [])
+    upstream = [features.run_id] + ([guide.run_id] if guide else []) + [p.run_id for p in parts.values()]
     if hit := _cached(tracker, "train", fp, out, upstream):
         return hit
     train_inputs = open_feature_inputs(cls, args, store_root, manifest, "train", guide_src)
@@ -122,6 +127,7 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult, guide: Stage
     dims = input_dims(train_inputs)
     torch.manual_seed(tc.seed)
     method = cls(args, dims)
+    method.attach({key: load_trained(part.path) for key, part in parts.items()})
     tcd = to_dict(tc)
     for phase in phases_of(method, tcd):  # unknown module names fail here, before any worker starts
         apply_phase(method, phase)
