@@ -39,7 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.features.store import _column
+from pipeline.features.store import column_values
+from pipeline.io import atomic_write_bytes
 
 CACHE_VERSION = 1
 META = "meta.json"
@@ -187,19 +188,6 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Writes a text file atomically."""
-    tmp = _temp(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------------- column builders
 
 
@@ -219,7 +207,7 @@ class _Builder:
 
 class _ArrayBuilder(_Builder):
     """A numeric column: fixed-size list (n, ...), numeric list (ragged: flat (sum n_i, W) + offsets) or scalar
-    (n,). List columns are decoded by `store._column`."""
+    (n,). List columns are decoded by `store.column_values`."""
 
     def __init__(self, folder: Path, name: str, kind: str):
         self.name, self.kind = name, kind
@@ -234,7 +222,7 @@ class _ArrayBuilder(_Builder):
         metadata = dict(table.schema.metadata or {})  # a row group of a file without metadata has None
         if self.kind == "ragged" and f"shape.{self.name}".encode() not in metadata:
             metadata[f"shape.{self.name}".encode()] = b"1"  # a plain numeric list column: items of width 1
-        values, offsets = _column(table.replace_schema_metadata(metadata), self.name)
+        values, offsets = column_values(table.replace_schema_metadata(metadata), self.name)
         self.values.append(values)
         if offsets is not None:
             self.offsets.append(offsets[1:].astype(np.int64) + self.offsets[-1][-1])
@@ -284,7 +272,7 @@ class _LabelsBuilder(_Builder):
         self.labels += table.column("labels").to_pylist()
 
     def commit(self) -> dict:
-        _write_text(self.path, json.dumps(self.labels))
+        atomic_write_bytes(self.path, json.dumps(self.labels).encode())
         return {"kind": "json"}
 
 
@@ -403,7 +391,7 @@ def build_cache(store: str | Path, manifest_row: Any, table: str, columns: Seque
             missing = [c for c in wanted if c not in meta["columns"]]
             if missing:
                 meta["columns"].update(_build_columns(store, manifest_row, table, pf, name, folder, missing))
-                _write_text(folder / META, json.dumps(meta, indent=1))
+                atomic_write_bytes(folder / META, json.dumps(meta, indent=1).encode())
     return folder
 
 

@@ -155,7 +155,7 @@ class FeatureSplit:
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def column_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns (the column's values as a zero-copy (N, ...) view, or a flat (sum n_i, width) one for a variable-length
     column; that column's item offsets (N + 1,), else None)."""
     if name not in table.column_names:
@@ -171,7 +171,7 @@ def _column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _join(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Concatenates the `_column` parts of several shards (a single part stays a zero-copy view)."""
+    """Concatenates the `column_values` parts of several shards (a single part stays a zero-copy view)."""
     if len(parts) == 1:
         return parts[0]
     values = np.concatenate([v for v, _ in parts])
@@ -206,9 +206,9 @@ def read_split(store: str | Path, manifest: pd.DataFrame, split: str, image_colu
         texts += ct.column("caption").to_pylist()
         owner.append(np.array([position[k] for k in ct.column("key").to_pylist()], dtype=np.int64))
         for c in image_columns:
-            img_parts[c].append(_column(it, c))
+            img_parts[c].append(column_values(it, c))
         for c in caption_columns:
-            cap_parts[c].append(_column(ct, c))
+            cap_parts[c].append(column_values(ct, c))
     joined = {c: _join(p) for c, p in {**img_parts, **cap_parts}.items()}
     return FeatureSplit(
         keys=keys,
