@@ -3,9 +3,9 @@ shards, decoded from the tars), the same for training, validation, eval and the 
 
 `FeatureInputs` reads only the rows it is asked for from the columnar cache of the store
 (`pipeline.features.columnar`: .npy files mapped without copying), so a worker holds its batches, never the
-split. Fixed columns become (B, D) float32 tensors; ragged ones (regions with boxes, text tokens) are padded to
-the batch's largest count, capped by the method (`max_regions`, `max_tokens`), with a mask; a column of the
-`guide` store is joined by sample key.
+split. Fixed columns become (B, D) tensors in the store's dtype (float16: a method converts on its device);
+ragged ones (regions with boxes, text tokens) are padded to the batch's largest count, capped by the method
+(`max_regions`, `max_tokens`), with a mask; a column of the `guide` store is joined by sample key.
 """
 from __future__ import annotations
 
