@@ -68,6 +68,16 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI (for child processes), and a config's default
+    tracking URI reads that variable: it is cleared before and after every test (so also before the next module's
+    fixtures), and no test or fixture writes into an earlier test's store."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def tracker(tmp_path):
     """An MLflow tracker on sqlite in a temp dir."""

@@ -52,6 +52,30 @@ class Column:
         return self.key or self.name
 
 
+# Region columns of the stores: ragged (a variable number per image, masked) or a fixed grid, and their boxes.
+REGION_COLUMNS = {"region_feats": "fixed", "patch_tokens": "fixed", "roi_feats": "ragged"}
+REGION_BOXES = {"roi_feats": "roi_boxes", "patch_tokens": "patch_boxes", "region_feats": None}
+
+
+def region_columns(column: str, boxes: bool = False) -> list[Column]:
+    """The columns of a region store column (batch keys `regions`, `region_mask` when ragged, capped by the method
+    argument `max_regions`) and, with `boxes`, of its boxes (`boxes`) when the store has them."""
+    ragged = REGION_COLUMNS[column] == "ragged"
+    kind, mask, cap = ("ragged", "region_mask", "max_regions") if ragged else ("fixed", None, None)
+    cols = [Column(column, "images", key="regions", kind=kind, mask=mask, cap=cap)]
+    if boxes and REGION_BOXES[column]:
+        cols.append(Column(REGION_BOXES[column], "images", key="boxes", kind=kind, cap=cap))
+    return cols
+
+
+def text_columns(text_encoder: str | None) -> list[Column]:
+    """The caption text (`captions`) for a trainable text encoder, else the stored per-token text features
+    (`tokens`, `token_mask`, capped by the method argument `max_tokens`)."""
+    if text_encoder:
+        return [Column("caption", "captions", key="captions", kind="text")]
+    return [Column("text_tokens", "captions", key="tokens", kind="ragged", mask="token_mask", cap="max_tokens")]
+
+
 Phase = PhaseConfig  # name, epochs, lr (None: train.lr), train: the method's child modules it trains ("*": all)
 
 

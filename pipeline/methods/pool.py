@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods import register_method
-from pipeline.methods.base import Column, Phase
+from pipeline.methods.base import REGION_COLUMNS, Column, Phase, region_columns, text_columns
 from pipeline.methods.infonce import ContrastArgs, MomentumContrast
-
-RAGGED_REGIONS = ("roi_feats",)  # a variable number per image; the other region columns are fixed grids
 
 
 @dataclass
@@ -29,6 +27,11 @@ class PoolArgs(ContrastArgs):
     text_encoder: Optional[str] = None  # a local BERT-family folder, fine-tuned on the captions (else text_tokens)
     text_lr_scale: float = 0.1  # the text encoder's learning rate, relative to the phase's
     augment: Optional[bool] = None  # USER's word augmentation of the captions; default: on with a text encoder
+
+    def __post_init__(self):
+        if self.region_column not in REGION_COLUMNS:
+            raise ValueError(f"train.method_args (pool).region_column: expected one of {', '.join(REGION_COLUMNS)}, "
+                             f"got {self.region_column!r}")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,13 +46,7 @@ class Pool(MomentumContrast):
 
     @classmethod
     def columns(cls, args: PoolArgs) -> list[Column]:
-        ragged = args.region_column in RAGGED_REGIONS
-        regions = Column(args.region_column, "images", key="regions", kind="ragged" if ragged else "fixed",
-                         mask="region_mask" if ragged else None, cap="max_regions" if ragged else None)
-        if args.text_encoder:
-            return [regions, Column("caption", "captions", key="captions", kind="text")]
-        return [regions, Column("text_tokens", "captions", key="tokens", kind="ragged", mask="token_mask",
-                                cap="max_tokens")]
+        return region_columns(args.region_column) + text_columns(args.text_encoder)
 
     def __init__(self, args: PoolArgs, dims: dict[str, int]):
         super().__init__(args, dims)

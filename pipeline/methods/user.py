@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from pipeline.methods import register_method
-from pipeline.methods.base import Column, Method, Phase
+from pipeline.methods.base import REGION_COLUMNS, Column, Method, Phase, region_columns, text_columns
 from pipeline.nn.encoders import GUIDES, RegionEncoder, TokenEncoder
 from pipeline.nn.momentum import WHOLE, MomentumState
 from pipeline.nn.uto import uto_loss
 
-REGION_COLUMNS = {"region_feats": "fixed", "patch_tokens": "fixed", "roi_feats": "ragged"}
 QUERY, KEY = 0, 1  # dropout streams of the query encoders and of the momentum key encoders
 
 
@@ -86,15 +85,8 @@ class User(Method):
     def columns(cls, args: UserArgs) -> list[Column]:
         """The region column (ragged with a mask, or a fixed grid), the guide store's image embedding unless
         `guide: self`, and the stored text tokens or the caption text."""
-        ragged = REGION_COLUMNS[args.region_column] == "ragged"
-        columns = [Column(args.region_column, "images", key="regions", kind="ragged" if ragged else "fixed",
-                          mask="region_mask" if ragged else None, cap="max_regions" if ragged else None)]
-        if args.guide != "self":
-            columns.append(Column(args.guide_column, "images", key="guide", store="guide"))
-        if args.text_encoder:
-            return columns + [Column("caption", "captions", key="captions", kind="text")]
-        return columns + [Column("text_tokens", "captions", key="tokens", kind="ragged", mask="token_mask",
-                                 cap="max_tokens")]
+        guide = [Column(args.guide_column, "images", key="guide", store="guide")] if args.guide != "self" else []
+        return region_columns(args.region_column) + guide + text_columns(args.text_encoder)
 
     def __init__(self, args: UserArgs, dims: dict[str, int]):
         super().__init__(args, dims)
