@@ -76,11 +76,34 @@ def hardest_negative_triplet(img: torch.Tensor, txt: torch.Tensor, ids: torch.Te
     per query max_{negative k} [margin + s(q, k) - s(q, its pair)]_+, averaged over the batch (VSE++ sums;
     the mean keeps the scale independent of the batch size). img, txt (B, D) are pairs (row i of each);
     keys with the query's id are positives, never negatives."""
-    pair = (img * txt).sum(1, keepdim=True)
+    pair = (img * txt).sum(1)
     parts = {}
     for name, (queries, keys, key_ids) in {"loss_i2t": (img, *_keys(txt, ids, gather_with_grad)),
                                            "loss_t2i": (txt, *_keys(img, ids, gather_with_grad))}.items():
-        negative = ids[:, None] != key_ids[None, :]
-        cost = (margin + queries @ keys.T - pair).clamp(min=0).masked_fill(~negative, 0.0)
-        parts[name] = cost.max(1).values.mean()
+        parts[name] = max_violation(queries @ keys.T, pair, ids[:, None] != key_ids[None, :], margin).mean()
     return {"loss": parts["loss_i2t"] + parts["loss_t2i"], **parts}
+
+
+def max_violation(scores: torch.Tensor, pair: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
+    """Returns (Q,) max_{k negative} [margin + scores[q, k] - pair[q]]_+ of (Q, K) scores, (Q,) scores of each query's
+    own pair and the (Q, K) bool `negative` mask (0 for a query without a negative)."""
+    return (margin + scores - pair[:, None]).clamp(min=0).masked_fill(~negative, 0.0).max(1).values
+
+
+def hardest_negative_hinge(scores: torch.Tensor, ids: torch.Tensor, margin: float) -> dict[str, torch.Tensor]:
+    """Returns {"loss", "loss_i2t", "loss_t2i"}: `hardest_negative_triplet` on any (B, B) score matrix, S[i, j] =
+    s(image of row i, caption j), pairs on the diagonal (e.g. a local token-matching score):
+    i2t = mean_i max_{j: ids_j != ids_i} [m + S_ij - S_ii]_+, t2i = mean_j max_{i: ids_i != ids_j} [m + S_ij - S_jj]_+,
+    loss = i2t + t2i."""
+    negative = ids[:, None] != ids[None, :]
+    pair = scores.diagonal()
+    i2t = max_violation(scores, pair, negative, margin).mean()
+    t2i = max_violation(scores.T, pair, negative, margin).mean()
+    return {"loss": i2t + t2i, "loss_i2t": i2t, "loss_t2i": t2i}
+
+
+def intra_modal_consistency(img: torch.Tensor, txt: torch.Tensor, margin: float) -> torch.Tensor:
+    """Returns TGDT's intra-modal consistency hinge (Liu et al. 2023, CMC loss) of (B, D) L2-normalised image and
+    caption embeddings (row i of each a pair): with A = img img^T and C = txt txt^T, the mean over j of
+    [max_i |C_ij - A_ij| - margin]_+ (the reference sums over j; the mean keeps the scale independent of B)."""
+    return ((txt @ txt.T - img @ img.T).abs().amax(0) - margin).clamp(min=0).mean()
