@@ -1,1 +1,2 @@
-"""Ray job entry points: `python -m jobs.run CONFIG [key.sub=value ...]` (see cluster/ and docs/cluster.md)."""
+"""Ray job entry points, one per stage: `python -m jobs.<stage> CONFIG [key.sub=value ...]` with stage one of run,
+synth, shard, extract, train, eval (see `pipeline.submit.job_main`, cluster/ and docs/cluster.md)."""

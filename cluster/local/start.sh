@@ -16,9 +16,14 @@
 #   ITR_RAY_PORT            GCS port of the head                               (26380)
 #   ITR_RAY_DASHBOARD_PORT  dashboard / job API port, bound to 127.0.0.1       (28266)
 #   ITR_RAY_CLIENT_PORT     Ray Client server port (kept out of 10002-19999)   (23001)
-#   ITR_RAY_AGENT_PORT      dashboard agent port of the head; worker i uses +i (25365)
+#   ITR_RAY_AGENT_PORT      first of 4 ports of node i's agents (i = 0 for the head):    (25365)
+#                           AGENT_PORT + 4i + 0..3 = dashboard agent HTTP and gRPC, metrics export,
+#                           runtime-env agent
 #   ITR_RAY_TEMP_DIR        Ray's temp dir, logs and this script's state       (/tmp/itr-ray-<uid>)
 #   ITR_RAY_BIN             the `ray` executable     (<repo>/.venv/bin/ray, else `ray` on PATH)
+#   ITR_RAY_START_ATTEMPTS  tries per node that does not come up                        (3)
+#   ITR_RAY_WAIT            seconds a late node gets to come up, and all of them to show
+#                           in `ray status`                                             (120)
 #   ITR_WORKDIR             workdir printed in the example commands            (<repo>/work/cluster)
 #
 # None of the ports is a Ray default (6379, 8265, 10001, 52365), so this cluster can run beside
@@ -40,6 +45,8 @@ DASH="${ITR_RAY_DASHBOARD_PORT:-28266}"
 CLIENT_PORT="${ITR_RAY_CLIENT_PORT:-23001}"
 AGENT_PORT="${ITR_RAY_AGENT_PORT:-25365}"
 TEMP_DIR="${ITR_RAY_TEMP_DIR:-/tmp/itr-ray-$(id -u)}"
+START_ATTEMPTS="${ITR_RAY_START_ATTEMPTS:-3}"
+WAIT="${ITR_RAY_WAIT:-120}"
 WORKDIR="${ITR_WORKDIR:-$REPO/work/cluster}"
 STATE="$TEMP_DIR/itr-cluster.state"
 LOG="$TEMP_DIR/itr-cluster-start.log"
@@ -47,7 +54,7 @@ LOG="$TEMP_DIR/itr-cluster-start.log"
 say() { printf 'start.sh: %s\n' "$*"; }
 die() { printf 'start.sh: error: %s\n' "$*" >&2; exit 1; }
 
-for var in WORKERS HEAD_CPUS WORKER_CPUS WORKER_GPUS OBJECT_STORE PORT DASH CLIENT_PORT AGENT_PORT; do
+for var in WORKERS HEAD_CPUS WORKER_CPUS WORKER_GPUS OBJECT_STORE PORT DASH CLIENT_PORT AGENT_PORT START_ATTEMPTS WAIT; do
     [[ "${!var}" =~ ^[0-9]+$ ]] || die "$var must be a non-negative integer, got '${!var}'"
 done
 [[ "$TEMP_DIR" = /* ]] || die "ITR_RAY_TEMP_DIR must be an absolute path, got '$TEMP_DIR'"
@@ -55,7 +62,8 @@ done
 TEMP_DIR="${TEMP_DIR%/}"
 # Ray puts unix sockets in <temp>/session_<date>_<time>_<usec>_<pid>/sockets/ (~67 characters below
 # the temp dir), and a unix socket path must stay under 108 bytes.
-(( ${#TEMP_DIR} <= 40 )) || die "ITR_RAY_TEMP_DIR is too long for Ray's unix sockets (40 characters at most)"
+# Worker node i uses <temp>/n<i> (see start_node below), so keep room for that suffix too.
+(( ${#TEMP_DIR} + 4 <= 40 )) || die "ITR_RAY_TEMP_DIR is too long for Ray's unix sockets (36 characters at most)"
 [[ "$WORKDIR" = /* ]] || WORKDIR="$PWD/$WORKDIR"
 
 # The `ray` of the project's virtual environment, and its bin/ first on PATH: the raylets inherit
@@ -74,8 +82,14 @@ PY="$BIN_DIR/python"
 export PATH="$BIN_DIR:$PATH"
 export RAY_AUTH_MODE=token
 unset RAY_ADDRESS  # `ray start --head` must not try to join another cluster
+# Several nodes starting on one (possibly busy) machine: a node's Python agents can take longer than Ray's default
+# deadlines to come up, and the raylet then kills itself ("Check failed" in node_manager.cc) or its workers.
+export RAY_agent_register_timeout_ms="${RAY_agent_register_timeout_ms:-120000}"
+export RAY_worker_register_timeout_seconds="${RAY_worker_register_timeout_seconds:-120}"
 
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+# True when process group $1 still has its raylet (a raylet that aborted leaves its agents behind for a while).
+raylet_alive() { ps -o args= -g "$1" 2>/dev/null | grep -q "raylet/raylet"; }
 
 STOP_CMD="$HERE/stop.sh"
 [[ -n "${ITR_RAY_TEMP_DIR:-}" ]] && STOP_CMD="ITR_RAY_TEMP_DIR=$TEMP_DIR $STOP_CMD"
@@ -88,15 +102,13 @@ print_usage() {
 Ray cluster up: head 127.0.0.1:$PORT + $WORKERS worker node(s), temp dir $TEMP_DIR
   dashboard:   http://127.0.0.1:$DASH   (bound to 127.0.0.1; the token is in ~/.ray/auth_token)
 
-Run the pipeline from this shell, joining the cluster (driver runs here, tasks on every node):
+Submit the tiny pipeline as a Ray job (the driver runs on the head; the project folder is uploaded as the job's
+working_dir; the workdir must be absolute, every node writes into it; jobs/configs/demo.yaml for the full demo):
   cd $REPO
-  RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=token $itr run jobs/configs/demo.yaml workdir=$WORKDIR
+  RAY_ADDRESS=http://127.0.0.1:$DASH $itr submit jobs/configs/tiny.yaml workdir=$WORKDIR
 
-Or submit it as a Ray job (the repo is uploaded as the working dir; the workdir must be absolute,
-a relative one would land in the job's temporary copy of the repo):
-  cd $REPO
-  RAY_ADDRESS=http://127.0.0.1:$DASH RAY_AUTH_MODE=token $BIN_DIR/ray job submit --working-dir . -- \\
-      python -m pipeline.cli run jobs/configs/demo.yaml workdir=$WORKDIR
+Or join the cluster from this shell (the driver runs here, tasks on every node):
+  RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=token $itr run jobs/configs/tiny.yaml workdir=$WORKDIR
 
 Status:  RAY_AUTH_MODE=token $BIN_DIR/ray status --address=127.0.0.1:$PORT
 Stop:    $STOP_CMD
@@ -145,7 +157,9 @@ check_port GCS "$PORT" ITR_RAY_PORT
 check_port dashboard "$DASH" ITR_RAY_DASHBOARD_PORT
 check_port "Ray Client" "$CLIENT_PORT" ITR_RAY_CLIENT_PORT
 for ((i = 0; i <= WORKERS; i++)); do
-    check_port "dashboard agent (node $i)" "$((AGENT_PORT + i))" ITR_RAY_AGENT_PORT
+    for ((k = 0; k < 4; k++)); do
+        check_port "agent (node $i)" "$((AGENT_PORT + 4 * i + k))" ITR_RAY_AGENT_PORT
+    done
 done
 
 mkdir -p -m 700 "$TEMP_DIR"
@@ -161,19 +175,58 @@ fi
 # Runs `ray start ...` as the leader of a new process group and session, so that every daemon it
 # spawns (gcs_server, raylet, dashboard, agents, workers) can be stopped by that group; returns the
 # group id in NODE_PGID. `ray start` itself exits once the node is up.
+# On a busy machine a node can miss `ray start`'s fixed 30 s registration deadline ("timed out during startup"):
+# its raylet may still register later (a worker node gets up to ITR_RAY_WAIT seconds to log its start), or it has
+# aborted because its dashboard agent took more than 15 s to report its ports (a slow Python start-up: "Check failed"
+# in node_manager.cc). A head that missed the deadline, or a worker node that did not come up, is stopped (its whole
+# process group) and started again, up to ITR_RAY_START_ATTEMPTS times; the next try finds the imports cached.
+# Usage: start_node NAME NODE_TEMP_DIR RAY_START_ARGS...
 start_node() {
-    local name="$1"; shift
-    say "starting $name node ..."
-    printf '\n==== %s: ray start %s\n' "$name" "$*" >> "$LOG"
-    "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
-        "$RAY_BIN" start "$@" --disable-usage-stats >> "$LOG" 2>&1 < /dev/null &
-    NODE_PGID=$!
-    printf 'node %s %s\n' "$name" "$NODE_PGID" >> "$STATE"
-    if ! wait "$NODE_PGID"; then
-        say "ray start for the $name node failed; its output:"
-        tail -n 30 "$LOG" >&2
-        return 1
-    fi
+    local name="$1" node_temp="$2"; shift 2
+    local attempt deadline
+    for ((attempt = 1; attempt <= START_ATTEMPTS; attempt++)); do
+        say "starting $name node ..."
+        printf '\n==== %s (attempt %s): ray start %s\n' "$name" "$attempt" "$*" >> "$LOG"
+        "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
+            "$RAY_BIN" start "$@" --temp-dir="$node_temp" --disable-usage-stats >> "$LOG" 2>&1 < /dev/null &
+        NODE_PGID=$!
+        printf 'node %s %s\n' "$name" "$NODE_PGID" >> "$STATE"
+        if wait "$NODE_PGID"; then
+            return 0
+        fi
+        if [[ "$(tail -n 5 "$LOG")" != *"timed out during startup"* ]]; then
+            break
+        fi
+        if [[ "$name" != head ]]; then
+            say "the $name node missed Ray's registration deadline (a busy machine?); waiting for it ..."
+            deadline=$((SECONDS + WAIT))
+            while (( SECONDS < deadline )) && raylet_alive "$NODE_PGID"; do
+                if grep -q -s "Raylet of id" "$node_temp"/session_latest/logs/raylet*.out; then
+                    say "the $name node is up"
+                    return 0
+                fi
+                sleep 1
+            done
+        fi
+        (( attempt < START_ATTEMPTS )) || break
+        say "the $name node did not come up; starting it again"
+        kill -KILL -- "-$NODE_PGID" 2>/dev/null || true
+        grep -v "^node $name $NODE_PGID\$" "$STATE" > "$STATE.tmp" || true
+        mv "$STATE.tmp" "$STATE"
+        sleep 2
+    done
+    say "ray start for the $name node failed; its output:"
+    tail -n 30 "$LOG" >&2
+    return 1
+}
+
+# The ports of node $1's agents, on `ray start`'s command line: fixed, checked free above, and the raylet does not
+# wait for the runtime-env agent and the metrics exporter to report theirs.
+agent_ports() {
+    local base=$((AGENT_PORT + 4 * $1))
+    printf -- '--dashboard-agent-listen-port=%s --dashboard-agent-grpc-port=%s --metrics-export-port=%s ' \
+        "$base" "$((base + 1))" "$((base + 2))"
+    printf -- '--runtime-env-agent-port=%s' "$((base + 3))"
 }
 
 cleanup_on_failure() {
@@ -189,29 +242,37 @@ cleanup_on_failure() {
 trap cleanup_on_failure ERR
 trap 'cleanup_on_failure; exit 130' INT TERM
 
-start_node head --head \
+# shellcheck disable=SC2046  # agent_ports prints several arguments
+start_node head "$TEMP_DIR" --head \
     --port="$PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
     --ray-client-server-port="$CLIENT_PORT" \
-    --dashboard-agent-listen-port="$AGENT_PORT" \
+    $(agent_ports 0) \
     --num-cpus="$HEAD_CPUS" --num-gpus=0 \
-    --object-store-memory="$OBJECT_STORE" \
-    --temp-dir="$TEMP_DIR"
+    --object-store-memory="$OBJECT_STORE"
 
+# Every worker node gets its own temp dir. Nodes that share one unpack a job's working_dir into the same
+# <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/ folder, and each node's runtime-env agent, on its
+# first task of the job, deletes that folder and unpacks it again (Ray's working_dir plugin always overwrites):
+# the driver, running from the head's copy, then fails to import modules that are gone for a moment
+# ("No module named 'pipeline.data.instances'"). Nodes on different machines never share a folder.
 for ((i = 1; i <= WORKERS; i++)); do
-    start_node "worker$i" \
+    mkdir -p -m 700 "$TEMP_DIR/n$i"
+    # shellcheck disable=SC2046
+    start_node "worker$i" "$TEMP_DIR/n$i" \
         --address="127.0.0.1:$PORT" \
-        --dashboard-agent-listen-port="$((AGENT_PORT + i))" \
+        $(agent_ports "$i") \
         --num-cpus="$WORKER_CPUS" --num-gpus="$WORKER_GPUS" \
-        --object-store-memory="$OBJECT_STORE" \
-        --temp-dir="$TEMP_DIR"
+        --object-store-memory="$OBJECT_STORE"
 done
 trap - ERR INT TERM
 
 # ---- wait until every node is registered (the autoscaler's view lags a few seconds)
 say "waiting for $((WORKERS + 1)) nodes to be active ..."
 status=""
-for _ in $(seq 1 30); do
+active=0
+deadline=$((SECONDS + WAIT))
+while (( SECONDS < deadline )); do
     status="$("$RAY_BIN" status --address="127.0.0.1:$PORT" 2>&1 || true)"
     active="$(printf '%s\n' "$status" | awk '/^(Active|Idle):/ {on = 1; next} /^[A-Z][A-Za-z ]*:/ {on = 0} on && /node_/ {n++} END {print n + 0}')"
     (( active >= WORKERS + 1 )) && break

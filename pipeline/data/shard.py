@@ -36,6 +36,7 @@ CODE_VERSION = 2
 MANIFEST = "manifest.parquet"
 INDEX = "samples.parquet"
 QUARANTINE = "quarantine.parquet"
+SIZES = "sizes.json"  # per split folder: {tar file name: samples}
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/shard-(?P<n>\d{6})\.tar$")
 MANIFEST_COLUMNS = ["shard", "split", "num_samples", "num_captions", "bytes", "sha256", "first_key", "last_key",
                     "run_id"]
@@ -294,9 +295,9 @@ def remove_uncommitted(out_dir: storage.Location, manifest: pd.DataFrame) -> lis
     return removed
 
 
-def write_quarantine(out_dir: storage.Location, rejected: list[Rejected], inputs: pd.DataFrame) -> pd.DataFrame:
-    """Writes `quarantine.parquet` (item, reason, and for sample items their image_stat and text_sha, so an
-    unchanged item is not retried) atomically; returns it."""
+def quarantine_table(rejected: list[Rejected], inputs: pd.DataFrame) -> pd.DataFrame:
+    """Returns the quarantine rows: item, reason, and for sample items their image_stat and text_sha (so an
+    unchanged item is not retried), sorted by item and reason."""
     digests = inputs.set_index("key")[["image_stat", "text_sha"]] if len(inputs) else None
     rows = []
     for r in sorted(rejected, key=lambda r: (r.item, r.reason)):
@@ -304,9 +305,34 @@ def write_quarantine(out_dir: storage.Location, rejected: list[Rejected], inputs
         rows.append({"item": r.item, "reason": r.reason,
                      "image_stat": str(digests.at[r.item, "image_stat"]) if known else "",
                      "text_sha": str(digests.at[r.item, "text_sha"]) if known else ""})
-    table = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
-    storage.write_parquet(storage.join(out_dir, QUARANTINE), pa.Table.from_pandas(table, preserve_index=False))
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+
+
+def write_quarantine(out_dir: storage.Location, rejected: list[Rejected], inputs: pd.DataFrame,
+                     committed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Writes `quarantine.parquet` atomically and returns its table; with `committed` (the folder's current
+    quarantine rows), writes nothing when the rows are the same and the file exists: a run with nothing new
+    leaves the append-only folder exactly as it was (a reader on another node sees no change without new data)."""
+    table = quarantine_table(rejected, inputs)
+    location = storage.join(out_dir, QUARANTINE)
+    if committed is not None and storage.exists(location) and len(table) == len(committed) and (
+            table.astype(str).reset_index(drop=True).equals(
+                committed[list(table.columns)].astype(str).reset_index(drop=True))):
+        return table
+    storage.write_parquet(location, pa.Table.from_pandas(table, preserve_index=False))
     return table
+
+
+def write_sizes(out_dir: storage.Location, manifest: pd.DataFrame) -> list:
+    """Writes `<split>/sizes.json` ({tar file name: samples}, open_clip_train's convention) for every split of a
+    shard manifest (columns shard, split, num_samples); returns the files written."""
+    written = []
+    for split, rows in manifest.groupby("split"):
+        sizes = {str(s).rsplit("/", 1)[-1]: int(n) for s, n in zip(rows["shard"], rows["num_samples"])}
+        location = storage.join(out_dir, split, SIZES)
+        storage.write_bytes(location, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+        written.append(location)
+    return written
 
 
 def commit(out_dir: storage.Location, manifest: pd.DataFrame, index: pd.DataFrame, results: list[dict],

@@ -130,6 +130,17 @@ def actor_pool(cpus: int, node_cpus: int, gpus: float, shards: int, num_gpus: fl
     return actors, max(1, cpus // actors)
 
 
+def pool_bounds(now: int, reachable: int, shards: int, min_size: int = 0, max_size: int = 0) -> tuple[int, int]:
+    """Returns (min_size, max_size) of the extract actor pool for `shards` shards to do: `min_size` / `max_size` when
+    set (> 0), else the actors that fit the cluster now (`now`, from `actor_pool`) and the actors that fit what the
+    cluster can reach (`reachable`: `actor_pool` over what its autoscaler may add too); never more than the shards,
+    at least 1, min <= max. Ray Data starts the min and grows the pool towards the max while shards wait and
+    resources appear (GPU nodes the autoscaler starts on demand), so a cluster that starts with no GPU worker does
+    not extract with one actor to the end."""
+    high = max(1, min(shards, max_size or max(now, reachable)))
+    return max(1, min(min_size or now, high)), high
+
+
 def release_free_memory() -> None:
     """Returns the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere), so that freed
     batch buffers do not pile up as fragmented heap from one shard to the next."""
@@ -139,10 +150,17 @@ def release_free_memory() -> None:
         pass
 
 
+def _ray_node_id() -> str:
+    """Returns the Ray node id of this process ("" outside Ray): several nodes may share a host name."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ShardFeatureWriter:
     """Ray Data actor: loads the extractor once; each call extracts the shards of a batch of manifest rows
     (columns shard_path, shard, split, sha256) and returns their store manifest rows, each with the actor's
-    `worker` (host:pid) and `peak_rss_mb` so far. Output files are named by shard and content
+    `worker` (host:pid), Ray `node_id` and `peak_rss_mb` so far. Output files are named by shard and content
     (`<split>/<shard>.<sha256[:16]>.*.parquet`), so versions never collide."""
 
     def __init__(self, cfg: dict, store_dir: str, run_id: str, threads: int):
@@ -153,6 +171,7 @@ class ShardFeatureWriter:
         self.store_dir = Path(store_dir)
         self.run_id = run_id
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id = _ray_node_id()
         self.module = get_extractor(self.cfg.extractor)
         self.extractor = self.module.load(self.cfg, pick_device(self.cfg.num_gpus > 0))
 
@@ -166,6 +185,6 @@ class ShardFeatureWriter:
             row["images_file"] = f"{split}/{row['images_file']}"
             row["captions_file"] = f"{split}/{row['captions_file']}"
             rows.append({"shard": shard, "split": split, "shard_sha256": sha, "run_id": self.run_id, **row,
-                         "worker": self.worker,
+                         "worker": self.worker, "node_id": self.node_id,
                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}

@@ -12,20 +12,18 @@ from pipeline.fingerprint import digest, frame_digest
 from pipeline.stages.base import StageResult, _cached, _commit, log
 from pipeline.tracking.runs import Tracker, stage_run
 
+LOST_WORKER_RETRIES = 2  # new actor pools after actors lost with their nodes, before the stage fails
+
 
 def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResult:
     """Extracts features of every shard not yet in the store (a Ray Data actor pool, one shard per call);
     returns the selection folder `<workdir>/features/<dataset>/<extractor fingerprint>/inputs/<fingerprint>`
     whose manifest lists the store rows of this input."""
     import mlflow
-    import ray
-    from ray.data import ActorPoolStrategy
 
     from pipeline.data.shard import read_manifest as read_shard_manifest
     from pipeline.features import store
-    from pipeline.features.extract import ShardFeatureWriter, actor_pool
     from pipeline.features.extractors import get_extractor
-    from pipeline.ray_runtime import cluster_cpus
 
     described = get_extractor(cfg.features.extractor).describe(cfg.features)
     store_dir = cfg.workdir_path / "features" / cfg.data.name / digest(described)
@@ -48,24 +46,21 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
         log(f"extract: {len(todo)} of {len(shard_manifest)} shards to do -> {store_dir}")
         rows = [] if not len(done) else [done]
         if len(todo):
-            gpus = cfg.features.num_gpus
-            node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
-            actors, threads = actor_pool(cluster_cpus(), node_cpus, ray.cluster_resources().get("GPU", 0), len(todo),
-                                         gpus, cfg.features.cpus_per_actor)
             items = [{"shard_path": str(storage.join(shards.path, r.shard)), "shard": r.shard, "split": r.split,
                       "sha256": r.sha256} for r in todo.itertuples()]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                ShardFeatureWriter,
-                fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),
-                                       "run_id": run_id, "threads": threads},
-                batch_size=1,
-                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),  # no actor idles at the end
-                num_cpus=threads if gpus == 0 else 1,
-                num_gpus=gpus,
-            )
-            for row in ds.iter_rows():  # commit each shard as soon as it is written
-                rows.append(pd.DataFrame([row]))
-                store.write_manifest(store_dir, pd.concat(rows, ignore_index=True))
+            for attempt in range(LOST_WORKER_RETRIES + 1):
+                try:
+                    _extract_pool(cfg, store_dir, run_id, items, rows)
+                    break
+                except Exception as err:
+                    if attempt == LOST_WORKER_RETRIES or not lost_worker(err):
+                        raise
+                    committed = {s for frame in rows for s in frame["shard"]}
+                    items = [i for i in items if i["shard"] not in committed]
+                    log(f"extract: an actor was lost ({type(err).__name__}: did its node leave the cluster?); the "
+                        f"{len(items)} shards not committed go to a new pool on the nodes that remain")
+            if attempt and (removed := store.remove_uncommitted(store_dir)):  # what the lost actors were writing
+                log(f"extract: removed {len(removed)} files the lost actors left unfinished")
         manifest = store.select(store.read_manifest(store_dir), shard_manifest)
         store.write_manifest(selection_dir, manifest)
         seconds = time.perf_counter() - t0
@@ -79,6 +74,66 @@ def run_extract(cfg: Config, tracker: Tracker, shards: StageResult) -> StageResu
         log(f"extract: {int(new['num_images'].sum())} images, {int(new['num_captions'].sum())} captions "
             f"in {seconds:.1f} s")
         return _commit(selection_dir, "extract", fp, run_id, {"extractor": described})
+
+
+def _extract_pool(cfg: Config, store_dir, run_id: str, items: list[dict], rows: list) -> None:
+    """Extracts the shards of `items` (shard_path, shard, split, sha256) with an actor pool sized from the cluster as
+    it is now (and what its autoscaler can add), appending each shard's store manifest row to `rows` and committing
+    the store manifest as soon as it comes. An actor whose node is lost is not restarted (max_restarts=0): its shard
+    fails the pool, and `run_extract` gives the shards not committed to a new pool on the nodes that remain (a
+    restarting actor would wait for a free CPU that the pool's other actors hold until the end)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.features import store
+    from pipeline.features.extract import ShardFeatureWriter, actor_pool, pool_bounds
+    from pipeline.ray_runtime import cluster_cpus, reachable_resources
+
+    gpus, per_actor = cfg.features.num_gpus, cfg.features.cpus_per_actor
+    node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    actors, threads = actor_pool(cluster_cpus(), node_cpus, ray.cluster_resources().get("GPU", 0), len(items),
+                                 gpus, per_actor)
+    reach = reachable_resources()  # with an autoscaler: the nodes it may still start
+    reachable, _ = actor_pool(max(1, int(reach.get("CPU", 1))), node_cpus, reach.get("GPU", 0), len(items),
+                              gpus, per_actor)
+    low, high = pool_bounds(actors, reachable, len(items), *_pool_config(cfg))
+    log(f"extract: actor pool of {low}" + (f" to {high}" if high > low else "") + " actors")
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardFeatureWriter,
+        fn_constructor_kwargs={"cfg": to_dict(cfg.features), "store_dir": str(store_dir),
+                               "run_id": run_id, "threads": threads},
+        batch_size=1,
+        compute=ActorPoolStrategy(min_size=low, max_size=high,
+                                  max_tasks_in_flight_per_actor=1),  # no actor idles at the end
+        num_cpus=threads if gpus == 0 else 1,
+        num_gpus=gpus,
+        max_restarts=0,
+    )
+    for row in ds.iter_rows():  # commit each shard as soon as it is written
+        rows.append(pd.DataFrame([row]))
+        store.write_manifest(store_dir, pd.concat(rows, ignore_index=True))
+
+
+def lost_worker(err: BaseException) -> bool:
+    """Returns whether `err`, or an exception it was raised from, says that a Ray worker process or node died (an
+    actor dead for another reason than its constructor, a crashed worker, a dead node, a lost object), rather than
+    that the extraction itself failed."""
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, lost) and not getattr(err, "actor_init_failed", False):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _pool_config(cfg: Config) -> tuple[int, int]:
+    """Returns (features.min_actors, features.max_actors) of the extract actor pool, 0 meaning "size it from the
+    cluster" (also for a FeaturesConfig without these keys)."""
+    return getattr(cfg.features, "min_actors", 0) or 0, getattr(cfg.features, "max_actors", 0) or 0
 
 
 def run_import(cfg: Config, tracker: Tracker) -> StageResult:

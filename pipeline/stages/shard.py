@@ -82,7 +82,7 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
         log(f"shard: {len(inc.gone)} sharded samples are no longer in the source (e.g. {inc.gone[0]}); "
             "they stay in their shards")
     if not inc.plans:
-        shard_core.write_quarantine(out, rejected, inputs)
+        shard_core.write_quarantine(out, rejected, inputs, committed=quarantine)
         check_quarantine(rejected)
         if prior:
             log(f"shard: nothing new: {inc.unchanged} samples already in {len(manifest)} shards, "
@@ -108,6 +108,7 @@ def run_shard(cfg: Config, tracker: Tracker, upstream: list[str]) -> StageResult
             shard_core.remove_uncommitted(out, manifest)
             raise
         manifest = shard_core.commit(out, manifest, index, results, inputs, run_id)
+        shard_core.write_sizes(out, manifest)  # <split>/sizes.json: open_clip_train reads the sample counts from it
         seconds = time.perf_counter() - t0
         new = manifest[manifest["run_id"] == run_id]
         counts = manifest.groupby("split")["num_samples"].sum().to_dict()

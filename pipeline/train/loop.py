@@ -155,6 +155,38 @@ def quiet_ray_train() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def start_system_metrics(uri: str, run_id: str, seconds: float) -> None:
+    """Starts MLflow's system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py) of this worker's
+    machine into the driver's stage run `run_id`, sampled every `seconds`, through MLflow's public API: the run is
+    resumed in this process with `log_system_metrics=True`, and after a restart the samples continue the steps."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_system_metrics_sampling_interval(seconds)
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+
+
+def finish_system_metrics(client, run_id: str, seconds: float) -> None:
+    """Waits until the run holds a first system-metrics sample (a run shorter than one sampling interval would
+    otherwise end with none; at most `2 * seconds + 60` s), then stops the sampling and leaves the run RUNNING: the
+    driver owns it and ends it."""
+    import mlflow
+
+    deadline = time.monotonic() + 2 * seconds + 60
+    while time.monotonic() < deadline and not any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
+        time.sleep(min(1.0, seconds / 4))
+    mlflow.end_run(status="RUNNING")  # stops and flushes the monitor; the run's status stays the driver's
+
+
+def tag_worker_node(uri: str, run_id: str, rank: int) -> None:
+    """Tags the run with the Ray node this worker runs on (`ray.node_id.rank<r>`), whose system metrics these are:
+    host names and IPs do not tell nodes apart when several share a machine."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_tag(run_id, f"ray.node_id.rank{rank}", ray.get_runtime_context().get_node_id())
+
+
 def worker_context(config: dict) -> tuple[int, int, torch.device, str]:
     """Returns (rank, world size, device, resolved autocast precision) of a Ray Train worker; on CPU, sets
     torch's threads to `config["threads_per_worker"]`."""
@@ -245,16 +277,15 @@ def run_epochs(config: dict, tc: dict, method, batches: Callable[[int], Iterable
     saved = _load_checkpoint(method, state, device)
     start_epoch, step = (saved["epoch"] + 1, saved["step"]) if saved else (0, 0)
 
-    client = monitor = None
+    client = None
+    if config.get("mlflow_run_id"):
+        tag_worker_node(config["mlflow_uri"], config["mlflow_run_id"], rank)
     if rank == 0 and config.get("mlflow_run_id"):
         from mlflow.entities import Metric
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(config["mlflow_uri"])
-        monitor = SystemMetricsMonitor(config["mlflow_run_id"], sampling_interval=tc["system_metrics_seconds"],
-                                       resume_logging=start_epoch > 0, tracking_uri=config["mlflow_uri"])
-        monitor.start()
+        start_system_metrics(config["mlflow_uri"], config["mlflow_run_id"], tc["system_metrics_seconds"])
     current, model, optimizer, scheduler = None, None, None, None
     run_t0, run_epochs_done = time.perf_counter(), 0
     for epoch in range(start_epoch, total_epochs):
@@ -311,8 +342,8 @@ def run_epochs(config: dict, tc: dict, method, batches: Callable[[int], Iterable
                            os.path.join(tmp, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-    if monitor is not None:
-        monitor.finish()
+    if client is not None:
+        finish_system_metrics(client, config["mlflow_run_id"], tc["system_metrics_seconds"])
 
 
 def new_training_state(method, tc: dict, steps_per_epoch: int, device: torch.device):
