@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= work/demo
 
-.PHONY: demo test test-fast bench lint clean install
+.PHONY: demo test test-fast bench lint clean install browser notebooks
 
 install: $(STAMP)
 
@@ -19,8 +19,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/itr run jobs/configs/demo.yaml workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -ra --durations=15
+
+# The browser tests drive Debian's headless chromium (packages chromium + chromium-driver): installed here when
+# missing and possible (root with apt-get); without it they skip, and with CI=true they fail.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null) || echo "make: chromium could not be installed: the browser tests skip (fail with CI=true)"; \
+	  else echo "make: no chromium (apt-get install chromium chromium-driver): the browser tests skip"; fi; \
+	fi
+
+# Re-executes the notebooks on the demo's tracking store (run `make demo` first) and writes their outputs back.
+notebooks: $(STAMP)
+	$(PY) notebooks/run.py --workdir $(WORKDIR)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

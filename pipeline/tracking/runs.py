@@ -3,7 +3,10 @@
 Every stage run carries tags `itr.stage`, `itr.fingerprint` (its output's identity) and `itr.upstream`
 (comma-separated run ids whose outputs it consumed), its flattened config as params and its input manifest
 as a logged dataset (digest = content hash). A stage whose output already exists logs a cached run with
-`itr.cached_from` and a note linking to the run that produced the output.
+`itr.cached_from`. Every stage run's description (the MLflow note) links to its upstream runs (and, for a cached
+run, to the run that produced its output); when the parent run ends, each child's description also names its
+output folder (tag `itr.output`). Experiments are marked as model-training experiments (MLflow 3 opens them on
+the runs table, not on the GenAI traces overview); parent runs are named after the command and the config.
 """
 from __future__ import annotations
 
@@ -12,11 +15,15 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterator
 
 from pipeline.config import flatten
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: a model-training experiment
 
 
 @dataclass
@@ -38,10 +45,21 @@ def open_tracker(uri: str, experiment: str) -> Tracker:
         artifacts = None
         if uri.startswith("sqlite:///"):
             artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     else:
         experiment_id = exp.experiment_id
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                mlflow.MlflowClient(uri).set_experiment_tag(experiment_id, key, value)
     return Tracker(uri, experiment_id)
+
+
+def parent_run_name(command: str, config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Returns the name of a parent run: the command line less the program's path, e.g. `itr run demo.yaml
+    train.epochs=4` (at most 250 characters, MLflow's limit)."""
+    parts = [f"itr {command}"] + ([os.path.basename(str(config_path))] if config_path else []) + list(overrides)
+    name = " ".join(parts)
+    return name if len(name) <= 250 else name[:249] + "…"
 
 
 @contextlib.contextmanager
@@ -51,7 +69,73 @@ def pipeline_run(tracker: Tracker, name: str, config: dict) -> Iterator[str]:
 
     with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=name, tags={"itr.stage": "pipeline"}) as run:
         mlflow.log_params(_params(config))
-        yield run.info.run_id
+        try:
+            yield run.info.run_id
+        finally:
+            describe_children(tracker, run.info.run_id, config)
+
+
+# MLflow 3.17's UI opens every experiment in its GenAI view unless the address (or the user's last choice, kept in the
+# browser) asks for the model-training view: it does not read the experiment's `mlflow.experimentKind` tag.
+UI_VIEW = "?workflowType=machine_learning"
+
+
+def run_link(experiment_id: str, run_id: str | None = None) -> str:
+    """Returns the MLflow UI route of a run (or of the experiment's runs table), relative to the UI's address (a
+    markdown link target), in the model-training view."""
+    return f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + UI_VIEW
+
+
+def stage_note(client, run, output: str | None = None) -> str:
+    """Returns the markdown description of stage run `run` (an `mlflow.entities.Run`): its stage and fingerprint,
+    links to its upstream runs (stage and id of each), for a cached run the run that produced its output, and
+    its output folder when known."""
+    tags = run.data.tags
+    lines = [f"**{tags.get('itr.stage', '?')}** stage, output fingerprint `{tags.get('itr.fingerprint', '?')}`."]
+    if tags.get("itr.cached_from"):
+        producer = tags["itr.cached_from"]
+        lines.append(f"Cached: output `{tags.get('itr.fingerprint')}` was produced by run "
+                     f"[{producer}]({run_link(run.info.experiment_id, producer)}).")
+    links = []
+    for upstream in (u for u in tags.get("itr.upstream", "").split(",") if u):
+        try:
+            up = client.get_run(upstream)
+            links.append(f"[{up.data.tags.get('itr.stage', up.info.run_name)} `{upstream[:8]}`]"
+                         f"({run_link(up.info.experiment_id, upstream)})")
+        except Exception:  # noqa: BLE001  a run deleted since: name it without a link
+            links.append(f"`{upstream}`")
+    lines.append("Upstream: " + (", ".join(links) if links else "none (a source stage)."))
+    if output:
+        lines.append(f"Output: `{output}`")
+    return "\n\n".join(lines)
+
+
+def describe_children(tracker: Tracker, parent_run_id: str, config: dict) -> None:
+    """Writes the description of every stage run under the parent run: `stage_note` with the output folder,
+    found from the stage records (`stage.json`) under the config's workdir and shard folder; tags `itr.output`.
+    A failure here is a warning: it never fails the pipeline."""
+    import mlflow
+
+    from pipeline.tracking.lineage import stage_outputs
+
+    try:
+        client = mlflow.MlflowClient(tracker.uri)
+        outputs = stage_outputs(config)
+        children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        stages = []
+        for child in sorted(children, key=lambda r: r.info.start_time):
+            if "itr.stage" not in child.data.tags:
+                continue
+            stages.append(f"[{child.info.run_name}]({run_link(child.info.experiment_id, child.info.run_id)})")
+            output = outputs.get(child.data.tags.get("itr.cached_from") or child.info.run_id)
+            if output:  # a run with no output folder (the model registration) keeps the description it wrote
+                client.set_tag(child.info.run_id, NOTE, stage_note(client, child, str(output)))
+                client.set_tag(child.info.run_id, "itr.output", str(output))
+        parent = client.get_run(parent_run_id)
+        client.set_tag(parent_run_id, NOTE, f"`{parent.info.run_name}`: " + (" → ".join(stages) or "no stage ran")
+                       + f".\n\nWorkdir: `{config.get('workdir')}`; the whole configuration is in the parameters.")
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"could not describe the stage runs of {parent_run_id}: {err}", stacklevel=2)
 
 
 def metric_names(metrics: dict) -> dict[str, float]:
@@ -79,6 +163,7 @@ def stage_run(tracker: Tracker, stage: str, fingerprint: str, config: dict, upst
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=stage, nested=nested,
                           tags=_tags(stage, fingerprint, upstream)) as run:
+        mlflow.set_tag(NOTE, stage_note(mlflow.MlflowClient(tracker.uri), mlflow.get_run(run.info.run_id)))
         mlflow.log_params(_params(config))
         if inputs is not None:
             with warnings.catch_warnings():  # schema inference warns about integer columns: not a model input
@@ -93,15 +178,11 @@ def log_cached_stage(tracker: Tracker, stage: str, fingerprint: str, producer_ru
     """Logs a stage whose output already exists as a run linking to `producer_run_id`; returns the new run id."""
     import mlflow
 
-    link = f"#/experiments/{tracker.experiment_id}/runs/{producer_run_id}"
-    tags = _tags(stage, fingerprint, upstream) | {
-        "itr.cached": "true",
-        "itr.cached_from": producer_run_id,
-        "mlflow.note.content": f"Cached: output `{fingerprint}` was produced by run [{producer_run_id}]({link}).",
-    }
+    tags = _tags(stage, fingerprint, upstream) | {"itr.cached": "true", "itr.cached_from": producer_run_id}
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=f"{stage} (cached)", nested=nested,
                           tags=tags) as run:
+        mlflow.set_tag(NOTE, stage_note(mlflow.MlflowClient(tracker.uri), mlflow.get_run(run.info.run_id)))
         return run.info.run_id
 
 
