@@ -17,6 +17,8 @@ import yaml
 
 # Evaluation protocols and the test-split size each expects (None: any); implemented in pipeline.eval.protocols.
 PROTOCOL_SIZES = {"coco-1k": 5000, "coco-5k": 5000, "f30k-1k": 1000, "generic": None}
+# Caption styles of the synthetic set (pipeline.data.sources.synthetic): the SCL paper's robustness experiment.
+CAPTION_STYLES = ("precise", "partial", "ambiguous")
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,7 @@ class SynthConfig:
     num_test: int = 500
     image_size: int = 64
     max_objects: int = 3
+    caption_style: str = "precise"  # precise | partial | ambiguous: the captions only (same scenes and images)
 
 
 @dataclass
@@ -115,6 +118,19 @@ class EvalConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`itr compare`: every method of `methods` trained (or reused from the cache) on the same features and
+    evaluated, with the zero-shot models of `eval.zero_shot`, on one protocol (pipeline/compare.py)."""
+
+    methods: list[str] = field(default_factory=lambda: ["infonce", "vse", "user", "tgdt", "coder", "scl"])
+    method_args: dict = field(default_factory=dict)  # method name -> its train.method_args (default: its defaults)
+    train: dict = field(default_factory=dict)  # method name -> train overrides for it, e.g. {vse: {epochs: 4}}
+    zero_shot: bool = True  # a row per model of eval.zero_shot (default: the `features` extractor itself)
+    test_styles: list[str] = field(default_factory=list)  # synthetic only: every row also tested on these styles
+    test_data: list[DataConfig] = field(default_factory=list)  # every row also tested on these datasets' eval.split
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db
     experiment: str = "itr"
@@ -134,6 +150,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -292,6 +309,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.map_k: must be >= 0, got {cfg.eval.map_k}")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError(f"eval.ks: expected positive integers, got {cfg.eval.ks}")
+    for key, style in [("data.synth.caption_style", cfg.data.synth.caption_style)] + [
+            (f"compare.test_styles[{i}]", s) for i, s in enumerate(cfg.compare.test_styles)]:
+        if style not in CAPTION_STYLES:
+            raise ConfigError(f"{key}: expected one of {', '.join(CAPTION_STYLES)}, got {style!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -17,7 +17,8 @@ METHODS = Registry("method", "train.method")
 # Every method by name, imported on first use (workers import only the one they train). A name whose module does
 # not exist yet is listed, and asking for it says it is not implemented yet.
 for _name, _module in {"infonce": "infonce", "vse": "vse", "pool": "pool", "clip_finetune": "clip_finetune",
-                       "user": "user", "tgdt": "tgdt", "coder": "coder", "scl": "scl"}.items():
+                       "user": "user", "tgdt": "tgdt", "coder": "coder", "scl": "scl",
+                       "scl_text": "scl", "scl_image": "scl"}.items():
     METHODS.register(_name, f"pipeline.methods.{_module}")
 
 

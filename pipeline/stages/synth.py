@@ -16,7 +16,7 @@ def run_synth(cfg: Config, tracker: Tracker) -> StageResult:
     from pipeline.data.sources import synthetic
 
     params = to_dict(cfg.data.synth)
-    fp = digest({"synth": params, "code": synthetic.CODE_VERSION})
+    fp = digest({"synth": synthetic.fingerprint_params(params), "code": synthetic.CODE_VERSION})
     root = cfg.data_root
     if hit := _cached(tracker, "synth", fp, root, []):
         return hit

@@ -16,6 +16,7 @@ for _name, _entry in {
     "synthetic": "pipeline.data.sources.synthetic:load_samples",
     "coco": "pipeline.data.sources.coco:load_samples",
     "flickr30k": "pipeline.data.sources.flickr30k:load_samples",
+    "flickr8k": "pipeline.data.sources.flickr8k:load_samples",
     "nuswide": "pipeline.data.sources.nuswide:load_samples",
     "nuswide10k": "pipeline.data.sources.nuswide:load_nuswide10k",
     "precomp": "pipeline.data.sources.precomp",  # features, not images: no load_samples

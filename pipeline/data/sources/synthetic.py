@@ -7,8 +7,11 @@ category per shape, the tight box of each drawn object), the retrieval ceiling (
 summary (`synth.json`, written last).
 
 Each scene has 1..max_objects objects (shape, colour, size, grid cell; no two share shape and colour).
-Each image has 5 distinct captions describing all of its objects; each caption keeps its meaning as
-a `CaptionMeaning`, which the ceiling (best R@1 a perfect model could reach) is computed from.
+Each image has 5 distinct captions in one of three styles (`caption_style`, the robustness experiment of
+the SCL paper, seed 003, section 5): `precise` (the default: every object described), `partial` (incomplete
+fragments naming some objects by one or two attributes) or `ambiguous` (vague text: counts, unbound colours
+or shapes). Each caption keeps its meaning as a `CaptionMeaning`, which the ceiling (best R@1 a perfect model
+could reach) is computed from. The style changes the captions only: scenes and images are the same.
 Everything is drawn from `numpy.random.default_rng` seeded by (seed, image index), so a given seed
 and sizes give byte-identical files whatever the generation order.
 """
@@ -28,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.config import CAPTION_STYLES
 from pipeline.data.instances import attach_boxes, read_coco_instances
 from pipeline.data.karpathy import read_karpathy
 from pipeline.data.sample import Rejected, Sample
@@ -116,10 +120,13 @@ class Relation:
 
 @dataclass(frozen=True)
 class CaptionMeaning:
-    """Structured content of a caption: one mention per scene object, and at most one relation."""
+    """Structured content of a caption: one mention per described object, and at most one relation.
+    `complete`: the caption describes every object of its scene (so it also says how many there are); an
+    incomplete one (`partial` and most `ambiguous` captions) fits any scene with at least that many objects."""
 
     objects: tuple[ObjectMention, ...]
     relation: Relation | None = None
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,10 +148,11 @@ def relation_holds(relation: str, subject: SceneObject, reference: SceneObject) 
 
 
 def is_consistent(meaning: CaptionMeaning, scene: Scene) -> bool:
-    """True when the scene has as many objects as the caption describes and some one-to-one assignment
-    of mentions to objects satisfies every mentioned attribute and the relation."""
+    """True when the scene has as many objects as the caption describes (at least as many, for an incomplete
+    caption) and some one-to-one assignment of mentions to objects satisfies every mentioned attribute and the
+    relation."""
     objects = scene.objects
-    if len(meaning.objects) != len(objects):
+    if len(meaning.objects) > len(objects) or (meaning.complete and len(meaning.objects) != len(objects)):
         return False
     candidates = [
         [j for j, obj in enumerate(objects) if all(getattr(obj, k) == v for k, v in mention.attributes().items())]
@@ -333,11 +341,12 @@ PLAIN_TEMPLATES: tuple[CaptionTemplate, ...] = (
 RELATION_TEMPLATES: tuple[CaptionTemplate, ...] = (_caption_relation_phrase, _caption_relation_sentence)
 
 
-def write_captions(scene: Scene, rng: np.random.Generator) -> list[Caption]:
-    """Returns 5 captions with distinct templates, each mentioning every object (in a random order).
-
-    One-object scenes use the 5 plain templates; larger ones 4 of them plus one relation template.
-    """
+def write_captions(scene: Scene, rng: np.random.Generator, style: str = "precise") -> list[Caption]:
+    """Returns 5 captions of `style` (one of CAPTION_STYLES). `precise`: distinct templates, each mentioning
+    every object (in a random order); one-object scenes use the 5 plain templates, larger ones 4 of them plus
+    one relation template. `partial` and `ambiguous`: see `partial_caption` and `ambiguous_caption`."""
+    if style != "precise":
+        return _distinct_captions(scene, rng, {"partial": partial_caption, "ambiguous": ambiguous_caption}[style])
     templates = list(PLAIN_TEMPLATES)
     if len(scene.objects) > 1:
         del templates[int(rng.integers(len(templates)))]
@@ -346,6 +355,70 @@ def write_captions(scene: Scene, rng: np.random.Generator) -> list[Caption]:
     for t in rng.permutation(len(templates)):
         objects = [scene.objects[j] for j in rng.permutation(len(scene.objects))]
         captions.append(templates[t](objects, rng))
+    return captions
+
+
+MAX_CAPTION_DRAWS = 50  # draws per image to find 5 distinct partial / ambiguous captions (then repeats are kept)
+PARTIAL_ATTRIBUTES = ("shape", "colour", "size", "position")
+SEVERAL = 3  # "several shapes": at least this many
+
+
+def _fragment(mention: ObjectMention, rng: np.random.Generator) -> str:
+    """An article-less noun phrase of a mention, e.g. 'big red shape' or 'circle in the top left'."""
+    return _phrase(mention, rng).split(" ", 1)[1]
+
+
+def partial_caption(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """An incomplete sentence: 1..n of the objects, each by one or two of its attributes, as fragments cut off
+    with '...', e.g. 'red shape, circle on the left ...'. Incomplete: it does not say how many objects there
+    are."""
+    count = int(rng.integers(1, len(objects) + 1))
+    mentions = []
+    for j in rng.permutation(len(objects))[:count]:
+        keep = rng.permutation(len(PARTIAL_ATTRIBUTES))[:int(rng.integers(1, 3))]
+        mentions.append(_mention(objects[j], **{PARTIAL_ATTRIBUTES[a]: True for a in keep}))
+    return Caption(", ".join(_fragment(m, rng) for m in mentions) + " ...",
+                   CaptionMeaning(tuple(mentions), complete=False))
+
+
+def ambiguous_caption(objects: Sequence[SceneObject], rng: np.random.Generator) -> Caption:
+    """Vague text: how many shapes there are, or one or two colours or shapes bound to no other attribute, e.g.
+    'a couple of shapes', 'something purple', 'red and blue things', 'a circle somewhere'."""
+    n = len(objects)
+    options = ["count", "colour", "shape", "anything"] + (["colours"] if n > 1 else [])
+    kind = options[int(rng.integers(len(options)))]
+    pick = objects[int(rng.integers(n))]
+    if kind == "count":
+        shown = min(n, SEVERAL)
+        text = {1: "a single shape", 2: "a couple of shapes"}.get(n, "several shapes")
+        return Caption(text, CaptionMeaning((ObjectMention(),) * shown, complete=n < SEVERAL))
+    if kind == "colour":
+        article = "an" if pick.colour[0] in "aeiou" else "a"
+        wording = ("something {}", article + " {} thing", "some {} in the picture")[int(rng.integers(3))]
+        text = wording.format(pick.colour)
+        return Caption(text, CaptionMeaning((ObjectMention(colour=pick.colour),), complete=False))
+    if kind == "shape":
+        text = ("a {} somewhere", "something like a {}")[int(rng.integers(2))].format(pick.shape)
+        return Caption(text, CaptionMeaning((ObjectMention(shape=pick.shape),), complete=False))
+    if kind == "colours":
+        a, b = (objects[j] for j in rng.permutation(n)[:2])
+        return Caption(f"{a.colour} and {b.colour} things", CaptionMeaning(
+            (ObjectMention(colour=a.colour), ObjectMention(colour=b.colour)), complete=False))
+    return Caption("coloured shapes on a dark background", CaptionMeaning((ObjectMention(),), complete=False))
+
+
+def _distinct_captions(scene: Scene, rng: np.random.Generator, draw: CaptionTemplate) -> list[Caption]:
+    """Returns CAPTIONS_PER_IMAGE captions drawn by `draw`, distinct texts while MAX_CAPTION_DRAWS allow (a
+    scene with few distinct vague captions keeps repeats)."""
+    captions: list[Caption] = []
+    for _ in range(MAX_CAPTION_DRAWS):
+        caption = draw(scene.objects, rng)
+        if caption.text not in {c.text for c in captions}:
+            captions.append(caption)
+        if len(captions) == CAPTIONS_PER_IMAGE:
+            return captions
+    while len(captions) < CAPTIONS_PER_IMAGE:
+        captions.append(draw(scene.objects, rng))
     return captions
 
 
@@ -360,13 +433,15 @@ def concepts_of(scene: Scene) -> list[str]:
     return [c for c in CONCEPTS if c in present]
 
 
-def make_image(seed: int, index: int, image_size: int, max_objects: int) -> tuple[Scene, list[Caption], Image.Image]:
-    """Returns the (scene, 5 captions, image) of image `index`; scene and captions do not depend on
-    image_size (separate random streams)."""
+def make_image(seed: int, index: int, image_size: int, max_objects: int,
+               caption_style: str = "precise") -> tuple[Scene, list[Caption], Image.Image]:
+    """Returns the (scene, 5 captions of `caption_style`, image) of image `index`; scene and captions do not
+    depend on image_size, nor scene and image on the caption style (separate random streams; the captions are
+    drawn after the scene)."""
     scene_seed, render_seed = np.random.SeedSequence([seed, index]).spawn(2)
     scene_rng = np.random.default_rng(scene_seed)
     scene = sample_scene(scene_rng, max_objects)
-    captions = write_captions(scene, scene_rng)
+    captions = write_captions(scene, scene_rng, caption_style)
     return scene, captions, render_scene(scene, image_size, np.random.default_rng(render_seed))
 
 
@@ -398,16 +473,24 @@ def _group_by_count(scenes: Sequence[Scene]) -> dict[int, _ScenesWithCount]:
 
 def _consistent_images(meaning: CaptionMeaning, groups: dict[int, _ScenesWithCount],
                        scenes: Sequence[Scene]) -> frozenset[int]:
-    """Returns the indices of the scenes consistent with `meaning`."""
-    group = groups.get(len(meaning.objects))
-    if group is None:
-        return frozenset()
-    fits = np.ones((len(group.image_ids), len(meaning.objects), len(meaning.objects)), dtype=bool)
-    for i, mention in enumerate(meaning.objects):  # fits[scene, mention, object]
-        for attr, value in mention.attributes().items():
-            fits[:, i] &= group.codes[attr] == ATTRIBUTE_VALUES[attr].index(value)
-    plausible = fits.any(axis=2).all(axis=1) & fits.any(axis=1).all(axis=1)
-    return frozenset(int(i) for i in group.image_ids[plausible] if is_consistent(meaning, scenes[i]))
+    """Returns the indices of the scenes consistent with `meaning` (of its object count, or of any count at
+    least as large for an incomplete caption)."""
+    mentioned = len(meaning.objects)
+    counts = [mentioned] if meaning.complete else [c for c in groups if c >= mentioned]
+    found: set[int] = set()
+    for count in counts:
+        group = groups.get(count)
+        if group is None:
+            continue
+        fits = np.ones((len(group.image_ids), mentioned, count), dtype=bool)
+        for i, mention in enumerate(meaning.objects):  # fits[scene, mention, object]
+            for attr, value in mention.attributes().items():
+                fits[:, i] &= group.codes[attr] == ATTRIBUTE_VALUES[attr].index(value)
+        plausible = fits.any(axis=2).all(axis=1)
+        if meaning.complete:
+            plausible &= fits.any(axis=1).all(axis=1)
+        found.update(int(i) for i in group.image_ids[plausible] if is_consistent(meaning, scenes[i]))
+    return frozenset(found)
 
 
 def retrieval_ceiling(scenes: Sequence[Scene], meanings: Sequence[Sequence[CaptionMeaning]]) -> dict[str, float]:
@@ -443,7 +526,9 @@ ARGUMENT_RANGES = {  # name -> (lowest, highest or None) allowed value
 }
 
 
-def _validate(config: dict[str, int]) -> None:
+def _validate(config: dict) -> None:
+    if config.get("caption_style", "precise") not in CAPTION_STYLES:
+        raise ValueError(f"caption_style must be one of {', '.join(CAPTION_STYLES)}, got {config['caption_style']!r}")
     for name, (lowest, highest) in ARGUMENT_RANGES.items():
         value = config[name]
         if not isinstance(value, numbers.Integral) or value < lowest or (highest is not None and value > highest):
@@ -503,18 +588,27 @@ def _write_preview(out: Path, filenames: Sequence[str], texts: Sequence[str], pa
     plt.close(fig)
 
 
+def fingerprint_params(params: dict) -> dict:
+    """Returns the generation parameters that identify a dataset: `caption_style: precise` (the default) is left
+    out, so a dataset generated before caption styles existed keeps its identity (its files are byte-identical)."""
+    return {k: v for k, v in params.items() if not (k == "caption_style" and v == "precise")}
+
+
 def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val: int = 100, num_test: int = 500,
-             image_size: int = 64, max_objects: int = 3, progress: bool = True) -> dict:
+             image_size: int = 64, max_objects: int = 3, caption_style: str = "precise",
+             progress: bool = True) -> dict:
     """Writes the dataset under `root` atomically (built in a sibling temp folder, then renamed over
     any existing `root`) and returns the summary dict written to `root/synth.json`:
-    {"code_version", "config": {seed, num_train, num_val, num_test, image_size, max_objects},
-     "counts": {split: number of images}, "num_captions", "concepts": [concept names]}.
+    {"code_version", "config": {seed, num_train, num_val, num_test, image_size, max_objects[, caption_style]},
+     "counts": {split: number of images}, "num_captions", "concepts": [concept names]}
+    (`caption_style` only when it is not `precise`: a precise set is byte-identical to one generated before
+    caption styles existed).
 
-    Images are numbered globally (train, then val, then test). Raises ValueError naming the argument
-    when one is out of range.
+    Images are numbered globally (train, then val, then test); scenes and images do not depend on
+    `caption_style`. Raises ValueError naming the argument when one is out of range.
     """
-    config = {"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test,
-              "image_size": image_size, "max_objects": max_objects}
+    config = fingerprint_params({"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test,
+                                 "image_size": image_size, "max_objects": max_objects, "caption_style": caption_style})
     _validate(config)
     counts = {"train": num_train, "val": num_val, "test": num_test}
     image_splits = [split for split in SPLITS for _ in range(counts[split])]
@@ -523,7 +617,7 @@ def generate(root: str | Path, *, seed: int = 0, num_train: int = 1000, num_val:
     with atomic_dir(root) as out:
         (out / IMAGE_DIR).mkdir()
         for index in tqdm(range(len(image_splits)), desc="synthetic images", disable=not progress, file=sys.stderr):
-            scene, image_captions, image = make_image(seed, index, image_size, max_objects)
+            scene, image_captions, image = make_image(seed, index, image_size, max_objects, caption_style)
             save_image(image, out / IMAGE_DIR / f"synth_{index:06d}.jpg")
             scenes.append(scene)
             captions.append(image_captions)
