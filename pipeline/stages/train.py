@@ -170,6 +170,9 @@ def run_train(cfg: Config, tracker: Tracker, features: StageResult, guide: Stage
             torch.save(state["model"], tmp / "model.pt")  # the best epoch by validation RSUM, else the last
             atomic_write_json(tmp / "method.json", {**spec, "epoch": state["epoch"]})
             atomic_write_json(tmp / "final_metrics.json", result.metrics)
+            if getattr(method, "write_artifacts", None) is not None:  # a method's own files (CODER's concept graph)
+                method.load_state_dict(state["model"])
+                method.write_artifacts(tmp / "artifacts")
         _log_trained(out, t0, state, result)
         return _commit(out, "train", fp, run_id, {"method": tc.method, "checkpoint": chosen.path,
                                                   "epoch": state["epoch"]})

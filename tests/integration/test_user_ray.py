@@ -51,10 +51,11 @@ def kill_one_train_worker_of_this_cluster(address: str, results_dir, killed: lis
         time.sleep(0.2)
 
 
-def test_user_chain_with_a_killed_worker_ends_like_an_uninterrupted_run(ray_cluster, tracker, tmp_path):
-    """One workdir: an uninterrupted training first (its output folder then moved aside, so the second one is not
-    a cache hit; each run keeps its checkpoints in its own storage path), then the whole chain with a worker
-    killed after the first checkpoint, reusing the synth, shard, extract and guide stages."""
+def clean_then_killed(ray_cluster, tracker, tmp_path, overrides) -> tuple:
+    """Trains `overrides(workdir, storage)` uninterrupted (its output folder then moved aside, so the second run is
+    not a cache hit; each run keeps its checkpoints in its own storage path), then runs the whole chain in the same
+    workdir with one train worker killed after the first checkpoint. Returns (the clean train result, (its
+    model.pt, epoch, momentum state), the second run's stage results)."""
     clean = run_stages(load_config(None, overrides(tmp_path / "w", tmp_path / "ray_clean")), tracker, "train")["train"]
     clean_model = (torch.load(clean.path / "model.pt", weights_only=True), clean.info["epoch"],
                    checkpoint_state(clean)["momentum"])
@@ -72,6 +73,14 @@ def test_user_chain_with_a_killed_worker_ends_like_an_uninterrupted_run(ray_clus
     finally:
         stop.set()
     assert killed, "no worker was killed: training ended before the first checkpoint was seen"
+    return clean, clean_model, results
+
+
+def test_user_chain_with_a_killed_worker_ends_like_an_uninterrupted_run(ray_cluster, tracker, tmp_path):
+    """One workdir: an uninterrupted training first (its output folder then moved aside, so the second one is not
+    a cache hit; each run keeps its checkpoints in its own storage path), then the whole chain with a worker
+    killed after the first checkpoint, reusing the synth, shard, extract and guide stages."""
+    clean, clean_model, results = clean_then_killed(ray_cluster, tracker, tmp_path, overrides)
     assert {"guide", "train", "eval"} <= set(results) and results["extract"].cached
 
     trained = results["train"]
