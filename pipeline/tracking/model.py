@@ -63,13 +63,11 @@ class ItrModel(PythonModel):
     _skip_type_hint_validation = True  # the logged signature describes the input, not type hints on `predict`
 
     def load_context(self, context) -> None:
-        import torch
 
         from pipeline.config import FeaturesConfig
         from pipeline.search import QueryEncoder, needs_tokens
         from pipeline.stages.train import load_trained
 
-        torch.set_grad_enabled(False)
         self.method = load_trained(Path(context.artifacts["trained"]))
         reference = json.loads(Path(context.artifacts["extractor"]).read_text())
         self.encoder = None
@@ -80,6 +78,7 @@ class ItrModel(PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         import pandas as pd
+        import torch
 
         from pipeline.search import embed_images, embed_texts
 
@@ -90,10 +89,11 @@ class ItrModel(PythonModel):
         if (is_text == images.notna().to_numpy()).any():
             raise ValueError("each row needs exactly one of `text` and `image`")
         parts = {}
-        if is_text.any():
-            parts["text"] = embed_texts(self.method, self.encoder, [str(t) for t in texts[is_text]])
-        if (~is_text).any():
-            parts["image"] = embed_images(self.method, self.encoder, _images(images[~is_text]))
+        with torch.no_grad():  # never the process-wide switch: the pyfunc may be loaded in a training process
+            if is_text.any():
+                parts["text"] = embed_texts(self.method, self.encoder, [str(t) for t in texts[is_text]])
+            if (~is_text).any():
+                parts["image"] = embed_images(self.method, self.encoder, _images(images[~is_text]))
         width = next(iter(parts.values())).shape[1]
         out = np.zeros((len(frame), width), np.float32)
         if "text" in parts:

@@ -51,7 +51,7 @@ def test_dataset_and_shards_on_s3_match_a_local_run(ray_cluster, tracker, tmp_pa
     manifest = read_manifest(results["shard"].path)
     assert int(manifest["num_samples"].sum()) == 340
     assert storage.list_files("s3://itr-test/shards/coco", "test/*") == ["test/shard-000000.tar",
-                                                                          "test/shard-000001.tar"]
+                                                                          "test/shard-000001.tar", "test/sizes.json"]
     # the same dataset from a local folder into a local shard folder: byte-identical tars
     reference = run_stages(load_config(None, common + [f"workdir={tmp_path / 'w'}", f"data.root={local}"]),
                            tracker, "shard")["shard"]
