@@ -127,9 +127,32 @@ def shard_batches(paths: list[Path], batch_size: int) -> list[tuple[str, int, in
     return batches
 
 
-def count_flops(model: str, precision: str) -> tuple[float, float]:
-    """Returns (FLOPs per image, FLOPs per caption) of encode_image / encode_text, counted by FlopCounterMode on a
-    batch of 2 under the extractor's autocast."""
+def text_lengths(model: str, paths: list[Path], batches: list[tuple]) -> dict[tuple, int]:
+    """Returns {text batch: the number of tokens the text tower runs it at} (its longest caption's, when the model's
+    text tower is trimmed; else the full context)."""
+    from pipeline.config import FeaturesConfig
+    from pipeline.data.shard import read_shard
+    from pipeline.features.extract import unique_captions
+    from pipeline.features.extractors import openclip
+
+    ext = openclip.load(FeaturesConfig(model=model, precision="fp32"), __import__("torch").device("cpu"))
+    trimmed = openclip.text_tower(ext.model) is not None
+    out, uniques = {}, {}
+    for batch in batches:
+        kind, i, lo, hi = batch
+        if kind != "text":
+            continue
+        if i not in uniques:
+            uniques[i] = unique_captions([c for s in read_shard(paths[i]) for c in s["json"]["captions"]])[0]
+        ids = ext.tokenizer(list(uniques[i][lo:hi]))
+        out[batch] = openclip.trimmed_length(ids) if trimmed else ids.shape[1]
+    return out
+
+
+def count_flops(model: str, precision: str, lengths: set[int]) -> tuple[float, dict[int, float]]:
+    """Returns (FLOPs per image, {tokens: FLOPs per caption run at that many tokens}) of the extractor's forward,
+    counted by FlopCounterMode on a batch of 2 under the extractor's autocast, with autograd on (in inference mode
+    nn.MultiheadAttention takes a fused path whose projections the counter does not see)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -140,14 +163,20 @@ def count_flops(model: str, precision: str) -> tuple[float, float]:
     ext = openclip.load(FeaturesConfig(model=model, precision=precision), torch.device("cpu"))
     size = getattr(ext.model.visual, "image_size", (224, 224))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    counts = []
-    with torch.inference_mode(), autocast(ext.precision, ext.device):
-        for fn, x in ((ext.model.encode_image, torch.zeros(2, 3, *size)),
-                      (ext.model.encode_text, ext.tokenizer(["a small red circle", "two shapes"]))):
-            with FlopCounterMode(display=False) as counter:
-                fn(x)
-            counts.append(counter.get_total_flops() / 2)
-    return counts[0], counts[1]
+    tower = openclip.text_tower(ext.model)
+
+    def count(fn, x) -> float:
+        with torch.enable_grad(), autocast(ext.precision, ext.device), FlopCounterMode(display=False) as counter:
+            fn(x)
+        return counter.get_total_flops() / 2
+
+    per_caption = {}
+    for n in sorted(lengths):
+        ids = torch.ones(2, n, dtype=torch.long)  # any ids: the FLOPs depend on the length only
+        ids[:, -1] = ext.tokenizer(["x"]).max()  # the EOT token, where the tower pools
+        per_caption[n] = count(ext.model.encode_text if tower is None else lambda t: openclip.text_forward(tower, t),
+                               ids)
+    return count(ext.model.encode_image, torch.zeros(2, 3, *size)), per_caption
 
 
 def assign(batches: list[tuple], costs: list[float], workers: int) -> list[list[tuple]]:
@@ -169,26 +198,30 @@ def _bare_worker(model: str, precision: str, threads: int, paths: list[str], bat
 
     from pipeline.config import FeaturesConfig
     from pipeline.data.shard import read_shard
+    from pipeline.features.extract import unique_captions
     from pipeline.features.extractors import openclip
     from pipeline.features.precision import autocast
 
     os.nice(RAY_WORKER_NICENESS - os.nice(0))  # the actors' scheduling priority
     torch.set_num_threads(threads)
     ext = openclip.load(FeaturesConfig(model=model, precision=precision), torch.device("cpu"))
+    tower = openclip.text_tower(ext.model)
     shards: dict[int, tuple[list, np.ndarray]] = {}
     inputs = []
     for kind, i, lo, hi in batches:
         if i not in shards:
             samples = read_shard(paths[i])
-            shards[i] = (samples, np.unique(np.array([c for s in samples for c in s["json"]["captions"]], object)))
+            shards[i] = (samples, unique_captions([c for s in samples for c in s["json"]["captions"]])[0])
         samples, unique = shards[i]
         if kind == "image":
             images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples[lo:hi]]
             inputs.append((kind, torch.stack([ext.preprocess(im) for im in images])))
         else:
-            inputs.append((kind, ext.tokenizer(list(unique[lo:hi]))))
+            ids = ext.tokenizer(list(unique[lo:hi]))
+            inputs.append((kind, ids if tower is None else ids[:, :openclip.trimmed_length(ids)]))
     shards.clear()
-    encode = {"image": ext.model.encode_image, "text": ext.model.encode_text}
+    encode = {"image": ext.model.encode_image,  # the text tower as the extractor runs it: on the longest caption
+              "text": ext.model.encode_text if tower is None else lambda ids: openclip.text_forward(tower, ids)}
     with torch.inference_mode(), autocast(ext.precision, ext.device):
         for kind, x in {kind: x for kind, x in inputs}.items():  # warm-up: 2 items of each kind, untimed
             encode[kind](x[:2])
@@ -272,15 +305,19 @@ def main() -> None:
         captions = sum(r["num_captions"] for r in rows[:num_shards])
         batches = shard_batches(paths, args.batch_size)
         unique = sum(hi - lo for kind, _, lo, hi in batches if kind == "text")
-        per_image, per_caption = count_flops(args.model, precision)
-        costs = [(hi - lo) * (per_image if kind == "image" else per_caption) for kind, _, lo, hi in batches]
+        lengths = text_lengths(args.model, paths, batches)
+        per_image, per_caption = count_flops(args.model, precision, set(lengths.values()))
+        costs = [(b[3] - b[2]) * (per_image if b[0] == "image" else per_caption[lengths[b]]) for b in batches]
         flops = sum(costs)
         print(f"{args.model} (random init), {precision} autocast, 224 px images; {args.cpus} CPUs: {actors} "
               f"worker(s) x {threads} torch thread(s), as the stage sizes its actor pool")
         print(f"first run: {num_shards} shards x {args.shard_size} = {images} images, {captions} captions "
               f"({unique} unique), batch {args.batch_size}; then +{extra} shard(s)")
-        print(f"model FLOPs (FlopCounterMode): {per_image / 1e9:.2f} G per image, {per_caption / 1e9:.2f} G per "
-              f"caption; {flops / 1e12:.2f} TFLOP for the first run", flush=True)
+        text_flops = sum(c for b, c in zip(batches, costs) if b[0] == "text")
+        slots = sum((b[3] - b[2]) * lengths[b] for b in batches if b[0] == "text")
+        print(f"model FLOPs (FlopCounterMode): {per_image / 1e9:.2f} G per image, {text_flops / unique / 1e9:.2f} G "
+              f"per caption (run at {slots / unique:.1f} tokens on average, each batch at its longest caption); "
+              f"{flops / 1e12:.2f} TFLOP for the first run", flush=True)
 
         with CpuAccount() as a_cpu:
             a_s, roofline = bare_forward(args.model, precision, actors, threads, paths,

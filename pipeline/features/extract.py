@@ -55,12 +55,21 @@ def _steps(module: ModuleType) -> dict[str, tuple[Callable, Callable]]:
     return {"image": image, "text": text}
 
 
+def unique_captions(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (the distinct captions, shortest first, so that each batch's captions are of similar length: the text
+    tower runs a batch at its longest caption; inverse: the row in it of each of `captions`)."""
+    unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)
+    by_length = np.argsort([len(c) for c in unique], kind="stable")
+    return unique[by_length], np.argsort(by_length)[inverse]
+
+
 def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir: str | Path, stem: str,
                   batch_size: int, with_tokens: bool, progress: bool = False) -> dict:
     """Encodes every image and caption of one tar and writes `<stem>.images/.captions.parquet` atomically
     into `out_dir`; returns {images_file, captions_file (names in out_dir), num_images, num_captions, seconds}.
 
-    Identical caption strings within the shard are encoded once. A background thread decodes and preprocesses
+    Identical caption strings within the shard are encoded once, in batches of similar length
+    (`unique_captions`). A background thread decodes and preprocesses
     (or tokenises) the next batch while the model runs on the current one."""
     t0 = time.perf_counter()
     samples = read_shard(shard_path)
@@ -72,7 +81,7 @@ def extract_shard(module: ModuleType, extractor, shard_path: str | Path, out_dir
             cap_keys.append(s["key"])
             cap_index.append(i)
             cap_text.append(c)
-    unique, inverse = np.unique(np.array(cap_text, dtype=object), return_inverse=True)
+    unique, inverse = unique_captions(cap_text)
     steps = _steps(module)
 
     def prepare(kind: str, start: int) -> Any:

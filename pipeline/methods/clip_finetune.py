@@ -46,8 +46,16 @@ class ClipFineTune(MomentumContrast):
         return F.normalize(self.clip.encode_image(batch["pixels"]), dim=-1)
 
     def encode_text(self, batch: dict) -> torch.Tensor:
-        """Returns L2-normalised (B, embed_dim) embeddings of batch["tokens"] (B, L)."""
-        return F.normalize(self.clip.encode_text(batch["tokens"]), dim=-1)
+        """Returns L2-normalised (B, embed_dim) embeddings of batch["tokens"] (B, L). A causal text tower runs on the
+        batch trimmed to its longest caption (`openclip.text_forward`): the same embeddings and gradients as the full
+        context, without the padding's cost."""
+        from pipeline.features.extractors import openclip
+
+        tokens = batch["tokens"]
+        tower = openclip.text_tower(self.clip)
+        if tower is None:
+            return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return F.normalize(openclip.text_forward(tower, tokens[:, :openclip.trimmed_length(tokens)])[1], dim=-1)
 
     @classmethod
     def from_checkpoint(cls, spec: dict, state_dict: dict) -> "ClipFineTune":

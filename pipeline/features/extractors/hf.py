@@ -162,7 +162,9 @@ def encode_images(ext: HFExtractor, images: list[Image.Image], with_tokens: bool
 def encode_texts(ext: HFExtractor, texts: list[str], with_tokens: bool) -> dict[str, Any]:
     """Returns `text_embed` (B, E) from get_text_features (not normalised), `text_pooled` (B, W) = mean of the
     text tower's last hidden state over the attention mask and, with tokens, `text_tokens`: a list of
-    (L_i, W) float32 arrays, one per caption, padding removed (special tokens kept)."""
+    (L_i, W) float32 arrays, one per caption, padding removed (special tokens kept). Each batch is padded to its
+    longest caption only (`padding=True`), not to the model's context: exact, since the padded positions are masked
+    out as keys (and CLIP's text tower is causal and pools at the EOS token), so no model pays for padding."""
     enc = ext.tokenizer(list(texts), padding=True, truncation=True, max_length=ext.max_length, return_tensors="pt")
     inputs = {k: enc[k].to(ext.device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
     with autocast(ext.precision, ext.device):

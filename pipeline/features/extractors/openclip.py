@@ -111,20 +111,100 @@ def tokenize(ext: OpenClipExtractor, texts: list[str]) -> torch.Tensor:
     return ext.tokenizer(list(texts))
 
 
+PAD_ID = 0  # open_clip's tokenizers pad with 0
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """The parts of an open_clip causal text tower that `text_forward` runs: the built-in CLIP keeps them on the
+    model itself, CustomTextCLIP on its `text` (a `TextTransformer`)."""
+
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor  # (context length, W)
+    transformer: torch.nn.Module
+    attn_mask: torch.Tensor  # (context length, context length) additive causal mask
+    ln_final: torch.nn.Module
+    text_projection: Any  # nn.Linear, a (W, E) tensor or None
+    pool_type: str  # argmax | eos | first
+    eos_id: int | None
+
+
+def text_tower(model: torch.nn.Module) -> TextTower | None:
+    """Returns the causal text tower of an open_clip model when running it on a batch trimmed to its longest caption
+    is exact, else None (the full context is run): a causal mask (so a token never sees the padding after it), no
+    class token appended at the end (CoCa), no padding mask, and a pooling that picks a position inside the caption
+    (`argmax` = the EOT token, `eos`, `first`; not `last` or `none`). HF text towers (`HFTextEncoder`) are not
+    trimmed."""
+    tower = getattr(model, "text", None)
+    tower = model if tower is None else tower
+    parts = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    if not all(isinstance(getattr(tower, p, None), (torch.nn.Module, torch.Tensor)) for p in parts):
+        return None
+    mask = getattr(tower, "attn_mask", None)
+    if mask is None or getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        return None
+    pool = getattr(tower, "text_pool_type" if tower is model else "pool_type", None)
+    eos = getattr(tower, "text_eos_id" if tower is model else "eos_id", None)
+    if pool not in ("argmax", "eos", "first") or (pool == "eos" and (eos is None or eos == PAD_ID)):
+        return None
+    return TextTower(tower.token_embedding, tower.positional_embedding, tower.transformer, mask, tower.ln_final,
+                     getattr(tower, "text_projection", None), pool, eos)
+
+
+def trimmed_length(ids: torch.Tensor) -> int:
+    """Returns the length of the batch's longest caption: one past the last non-padding position of any row (at
+    least 1)."""
+    used = (ids != PAD_ID).any(0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 1
+
+
+def text_forward(tower: TextTower, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the causal text tower on token ids (B, L) of any length L up to the context length, as open_clip's
+    `encode_text` does on the full context: token + position embeddings (the first L), the causal mask's top-left
+    L x L, the final norm, pooling and projection. Returns (final-normed token features (B, L, W), text embedding
+    (B, E)). On ids trimmed to `trimmed_length` both equal the full-context ones at the kept positions: a causal
+    token never attends to the padding after it, and the pooled position lies inside the caption."""
+    length = ids.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(ids).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:length, :length]))
+    rows = torch.arange(x.shape[0], device=x.device)
+    if tower.pool_type == "argmax":  # the EOT token has the highest id
+        pooled = x[rows, ids.argmax(dim=-1)]
+    elif tower.pool_type == "eos":
+        pooled = x[rows, (ids == tower.eos_id).int().argmax(dim=-1)]
+    else:
+        pooled = x[:, 0]
+    proj = tower.text_projection
+    if isinstance(proj, torch.nn.Linear):
+        pooled = proj(pooled)
+    elif proj is not None:
+        pooled = pooled @ proj
+    return x, pooled
+
+
 @torch.inference_mode()
 def encode_tokens(ext: OpenClipExtractor, ids: torch.Tensor, with_tokens: bool) -> dict[str, Any]:
     """Returns, for token ids (B, L) from `tokenize`: `text_embed` (B, E) and `text_pooled` (B, W) = mean of the
     valid final-normed token features and, with tokens, `text_tokens`: a list of (L_i, W) float32 arrays, one per
-    caption, padding removed."""
+    caption, padding removed. A causal text tower runs on the batch trimmed to its longest caption (`text_forward`:
+    the same features as the full context, without the cost of the padding); any other runs on the full context."""
     ids = ids.to(ext.device)
-    mask = ids != 0  # open_clip's tokenizers pad with 0
+    tower = text_tower(ext.model)
+    if tower is not None:
+        ids = ids[:, :trimmed_length(ids)]
+    mask = ids != PAD_ID
     with autocast(ext.precision, ext.device):
-        out = ext.model.forward_intermediates(text=ids, text_indices=1, normalize=False, normalize_intermediates=True)
-    tokens = out["text_intermediates"][-1].float()
+        if tower is not None:
+            tokens, embed = text_forward(tower, ids)
+        else:
+            out = ext.model.forward_intermediates(text=ids, text_indices=1, normalize=False,
+                                                  normalize_intermediates=True)
+            tokens, embed = out["text_intermediates"][-1], out["text_features"]
+    tokens = tokens.float()
     m = mask.unsqueeze(-1).float()
     pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
-    result: dict[str, Any] = {"text_embed": out["text_features"].float().cpu().numpy(),
-                              "text_pooled": pooled.cpu().numpy()}
+    result: dict[str, Any] = {"text_embed": embed.float().cpu().numpy(), "text_pooled": pooled.cpu().numpy()}
     if with_tokens:
         lengths = mask.sum(1).tolist()
         tok = tokens.cpu().numpy()
