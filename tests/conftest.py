@@ -7,22 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_ports
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # S3 goes to the loopback S3 server of the `s3_server` fixture, never to AWS, with throwaway credentials. Set
 # before the Ray fixture starts, so that Ray's worker processes inherit it. (This module is imported twice, as
 # `conftest` and as `tests.conftest`: both must agree on the port.)
-S3_ENDPOINT = os.environ.setdefault("ITR_TEST_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # once per session
+S3_ENDPOINT = os.environ.setdefault("ITR_TEST_S3_ENDPOINT", f"http://127.0.0.1:{free_ports(1)[0]}")  # once per session
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                   AWS_ENDPOINT_URL_S3=S3_ENDPOINT, AWS_ENDPOINT_URL=S3_ENDPOINT)
 

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
@@ -111,29 +112,6 @@ def _parents() -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in (line.split() for line in out.splitlines())]
 
 
-def _free_ports(count: int, consecutive: int = 1) -> list[int]:
-    """Returns `count` ports (each the first of `consecutive` free ones) outside Ray's worker range 10002-19999."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        block = range(base, base + consecutive)
-        if base < 20000 or any(p in ports for p in block) or not all(_bindable(p) for p in block):
-            continue
-        ports.append(base)
-    return ports
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def wait_for(what: str, check, deadline: float = DEADLINE, every: float = 0.2):
     """Returns check()'s first truthy value, polling every `every` s; fails the test after `deadline` s."""
     end = time.monotonic() + deadline
@@ -195,8 +173,7 @@ def cluster():
     temp = Path(tempfile.mkdtemp(prefix="itrc-", dir="/tmp"))  # short: Ray's unix socket paths are limited
     token = temp / "token"
     token.write_text(secrets.token_hex(32))  # the cluster's own token: ~/.ray stays untouched
-    gcs, dash, client, mlflow_port = _free_ports(4)
-    (agent,) = _free_ports(1, consecutive=12)  # 4 agent ports per node
+    gcs, dash, client, mlflow_port, agent = free_ports(1, 1, 1, 1, 12)  # 4 agent ports per node
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=f"http://127.0.0.1:{dash}",
                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}", PATH=f"{BIN}:{env.get('PATH', '')}")
