@@ -62,7 +62,13 @@ class FeaturesConfig:
     batch_size: int = 256
     num_gpus: float = 0.0  # per extraction actor
     cpus_per_actor: int = 0  # without GPUs: CPUs (threads) per actor; 0: at most 4 actors a node (each holds a model)
+    min_actors: int = 0  # bounds of the extraction actor pool; 0: sized from the cluster (docs/cluster.md)
+    max_actors: int = 0
     store_tokens: bool = True  # keep patch tokens with their boxes, RoIAlign regions of object boxes, per-token text
+
+
+# FeaturesConfig fields that say how an extraction runs, not what it computes: never part of a fingerprint
+OPERATIONAL_FEATURES = ("batch_size", "num_gpus", "cpus_per_actor", "min_actors", "max_actors", "precision")
 
 
 @dataclass
@@ -115,6 +121,7 @@ class EvalConfig:
     chunk_size: int = 1024
     zero_shot: list[FeaturesConfig] = field(default_factory=list)  # extractors for `itr eval --zero-shot`
     rerank_k: RerankConfig = field(default_factory=RerankConfig)  # two-stage eval, for methods with `rerank`
+    full_rerank: bool = False  # also rescore every pair with `rerank` (a full-local row; N x M rescorings)
 
 
 @dataclass
@@ -292,6 +299,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    for key in ("cpus_per_actor", "min_actors", "max_actors"):
+        if getattr(cfg.features, key) < 0:
+            raise ConfigError(f"features.{key}: must be >= 0, got {getattr(cfg.features, key)}")
+    if 0 < cfg.features.max_actors < cfg.features.min_actors:
+        raise ConfigError(f"features.min_actors ({cfg.features.min_actors}) exceeds features.max_actors "
+                          f"({cfg.features.max_actors})")
     if cfg.features.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"features.precision: expected auto|fp32|bf16|fp16, got {cfg.features.precision!r}")
     if cfg.train.batch_size % cfg.train.num_workers:

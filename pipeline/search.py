@@ -31,10 +31,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.features.columnar import SplitSizes
+
 EXACT_MAX = 50_000  # galleries up to this many rows are searched exactly, larger ones through a faiss index
 IVF_PROBE_FRACTION = 1 / 64  # lists an IVF search visits (at least 8)
 CACHE_VERSION = 1  # part of the embedding cache's fingerprint
-OPERATIONAL_FEATURES = ("batch_size", "num_gpus", "cpus_per_actor", "precision")  # not part of the store's identity
 SOURCE_STAGES = {"extract": "extract", "import": "extract", "shard": "shard"}  # stage tag -> role in eval's sources
 
 
@@ -90,7 +91,7 @@ def index_top_k(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 
 # ------------------------------------------------------------------------------------------------ query rows
-class RowsSplit:
+class RowsSplit(SplitSizes):
     """A few rows held in memory with the split interface `FeatureInputs` reads (`pipeline.features.columnar.
     ColumnarSplit`): `images` / `captions` map a store column to a fixed (n, ...) array or a list of (n_i, W)
     arrays (ragged); `texts` the caption strings; `keys` the image keys."""
@@ -101,14 +102,6 @@ class RowsSplit:
         self.texts, self.keys = list(texts), list(keys)
         self.labels = [[] for _ in self.keys]
         self.caption_image = np.full(len(self.texts), -1, dtype=np.int64)  # free text: no image of its own
-
-    @property
-    def num_images(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.texts)
 
     def take(self, table: str, column: str, rows: Any):
         """As `ColumnarSplit.take`: (k, ...) for a fixed column, (flat (sum n_i, W), lengths (k,)) for a ragged one."""
@@ -128,7 +121,7 @@ class RowsSplit:
         return np.array([where[k] for k in keys], dtype=np.int64)
 
 
-class ExtendedSplit:
+class ExtendedSplit(SplitSizes):
     """A split (`base`) followed by the rows of a `RowsSplit` (`extra`) in one table: extra row i is row
     `base.num_images + i` (images) or `base.num_captions + i` (captions), so that a method's `rerank` sees a query
     that is not in the collection as one more row of the split."""
@@ -140,14 +133,6 @@ class ExtendedSplit:
         self.labels = list(base.labels) + (extra.labels if images else [])
         self.caption_image = base.caption_image if images else np.concatenate([base.caption_image,
                                                                                extra.caption_image])
-
-    @property
-    def num_images(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.caption_image)
 
     def _offset(self, table: str) -> int:
         return self.base.num_images if table == "images" else self.base.num_captions
@@ -328,8 +313,8 @@ def locate(cfg, run_id: str | None = None) -> Located:
     to run when there is none."""
     from mlflow import MlflowClient
 
-    from pipeline.config import to_dict
-    from pipeline.stages.train import OPERATIONAL
+    from pipeline.config import OPERATIONAL_FEATURES, to_dict
+    from pipeline.stages.train import train_identity
     from pipeline.tracking.lineage import stage_outputs
 
     client = MlflowClient(cfg.tracking_uri)
@@ -360,8 +345,8 @@ def locate(cfg, run_id: str | None = None) -> Located:
         else:
             continue
         trained = _result(train_run, "train", outputs)
-        if trained is None or not (run_id or _matches(get(trained.run_id).data.params, "train", to_dict(cfg.train),
-                                                      OPERATIONAL)):
+        if trained is None or not (run_id or _matches(get(trained.run_id).data.params, "train",
+                                                      train_identity(cfg.train))):
             continue
         sources, ok = {}, True
         for rid in source_ids:

@@ -13,8 +13,8 @@ precision and number of processes, in the same run.
 - Processes: `--procs` DDP processes each (ours: Ray Train workers; theirs: torchrun --nproc_per_node); default one
   per GPU, or 1 on a CPU-only machine: open_clip_train cannot run DDP on CPUs (it passes `device_ids=[cpu]`, which
   torch's DistributedDataParallel rejects), so a CPU comparison is one process each, each using the machine as it
-  does by default (ours: Ray Train's worker with torch threads = the CPUs left after Ray Data's readers; theirs: all
-  cores for torch plus one data-loader worker).
+  does by default (ours: Ray Train's worker with torch threads = the cluster's CPUs over the workers, Ray Data's
+  readers beside it; theirs: all cores for torch plus one data-loader worker).
 - Speed: samples/s in the steady state = samples per epoch over the median seconds of the epochs after the first
   (ours: each epoch's `epoch_seconds`; theirs: the sum of its per-step `Batch (t)` log values over the epoch, with
   --log-every-n-steps 1). Start-up (processes, imports, model load) is reported apart, as whole-run seconds.

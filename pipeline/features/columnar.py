@@ -486,8 +486,21 @@ def ragged_items(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+class SplitSizes:
+    """`num_images` and `num_captions` of a split that has `keys` (one per image) and `caption_image` (one per
+    caption)."""
+
+    @property
+    def num_images(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.caption_image)
+
+
 @dataclass
-class ColumnarSplit:
+class ColumnarSplit(SplitSizes):
     """One split of the feature store, memory-mapped from the columnar cache (`open_split`).
 
     `keys` (N,) sample keys and `labels` in store order (manifest order, then file order), `caption_image` (M,) int64
@@ -509,14 +522,6 @@ class ColumnarSplit:
         """Pickles as its cache folders and column names, and maps them again when unpickled: sending a split to
         another process never copies its arrays (the folders must be readable there)."""
         return map_split, (self.folders, tuple(self.columns["images"]), tuple(self.columns["captions"]))
-
-    @property
-    def num_images(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.caption_image)
 
     def _mapped(self, table: str, column: str) -> _Mapped:
         if table not in TABLES:

@@ -77,6 +77,9 @@ class TGDTArgs:
     local_epochs: Optional[int] = None  # two_phase: epochs of phase `local` (None: half of train.epochs)
     rerank_tokens: str = "lower"  # local tokens of the second stage: lower (T^a, the reference) | top (T^b)
     rerank_global_weight: float = 1.0  # S_final = S_loc + w S_glob
+    # the first epochs that train a part (the lower stack, the top layers) sum its hinges over all negatives instead
+    # of taking the hardest (VSE-infinity's warm-up; from random weights the hardest negative alone learns nothing)
+    mean_negative_epochs: int = 1
 
     def __post_init__(self):
         choices = {"region_column": tuple(REGION_BOXES), "local_pool": POOLS, "schedule": ("two_phase", "joint"),
@@ -85,6 +88,9 @@ class TGDTArgs:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.method_args (tgdt).{name}: expected one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if self.mean_negative_epochs < 0:
+            raise ValueError(f"train.method_args (tgdt).mean_negative_epochs: must be >= 0, got "
+                             f"{self.mean_negative_epochs}")
         for name in ("embed_dim", "region_dim"):
             check_heads(f"train.method_args (tgdt).{name}", getattr(self, name), self.heads)
 
@@ -186,6 +192,7 @@ class TextStack(nn.Module):
 @register_method("tgdt")
 class TGDT(Method):
     Args = TGDTArgs
+    version = 2  # 2: the hinges' warm-up over all negatives
 
     @classmethod
     def columns(cls, args: TGDTArgs) -> list[Column]:
@@ -197,6 +204,9 @@ class TGDT(Method):
         self.text_lower = TextStack(dims.get("tokens", 1), args)
         self.image_top = transformer(args.embed_dim, args.top_layers, args)
         self.text_top = transformer(args.embed_dim, args.top_layers, args)
+        # epochs begun with each part trained (buffers: in every checkpoint, so a resumed run warms up alike)
+        self.register_buffer("lower_epochs", torch.zeros((), dtype=torch.long))
+        self.register_buffer("top_epochs", torch.zeros((), dtype=torch.long))
         self._rerank_cache = None
 
     # ------------------------------------------------------------ phases
@@ -227,6 +237,12 @@ class TGDT(Method):
         def trained(names):
             return any(p.requires_grad for n in names for p in getattr(self, n).parameters())
         return trained(LOWER), trained(TOP)
+
+    def on_epoch_start(self, epoch: int, inputs, state) -> None:
+        """Counts the epochs that train each part (`lower_epochs`, `top_epochs`: the hinges' warm-up)."""
+        lower, top = self.trained_parts()
+        self.lower_epochs += int(lower)
+        self.top_epochs += int(top)
 
     def train(self, mode: bool = True):
         if mode:
@@ -281,7 +297,8 @@ class TGDT(Method):
 
     def loss(self, out: dict, batch: dict, state) -> dict[str, torch.Tensor]:
         """Returns {"loss", parts}: `loss_local_lower` when the lower stack is trained, and `loss_global`,
-        `loss_intra`, `loss_local` (the CMC loss, on T^b) when the top is; loss = their weighted sum."""
+        `loss_intra`, `loss_local` (the CMC loss, on T^b) when the top is; loss = their weighted sum. A part's
+        hinges sum over the negatives during the first `mean_negative_epochs` epochs that train it."""
         a, ids = self.args, batch["ids"]
         lower, top = self.trained_parts()
         img_mask, txt_mask = out["image_mask"] > 0.5, out["text_mask"] > 0.5
@@ -289,13 +306,16 @@ class TGDT(Method):
         total = out["image_lower"].new_zeros(())
         if lower:
             s = self.local_scores(out["image_lower"], img_mask, out["text_lower"], txt_mask)
-            parts["loss_local_lower"] = hardest_negative_hinge(s, ids, a.margin)["loss"]
+            hardest = int(self.lower_epochs) > a.mean_negative_epochs
+            parts["loss_local_lower"] = hardest_negative_hinge(s, ids, a.margin, hardest=hardest)["loss"]
             total = total + a.local_weight * parts["loss_local_lower"]
         if top:
-            parts["loss_global"] = hardest_negative_triplet(out["image"], out["text"], ids, a.margin)["loss"]
+            hardest = int(self.top_epochs) > a.mean_negative_epochs
+            parts["loss_global"] = hardest_negative_triplet(out["image"], out["text"], ids, a.margin,
+                                                            hardest=hardest)["loss"]
             parts["loss_intra"] = intra_modal_consistency(out["image"], out["text"], a.intra_margin)
             s = self.local_scores(out["image_top"], img_mask, out["text_top"], txt_mask)
-            parts["loss_local"] = hardest_negative_hinge(s, ids, a.margin)["loss"]
+            parts["loss_local"] = hardest_negative_hinge(s, ids, a.margin, hardest=hardest)["loss"]
             total = total + (a.global_weight * parts["loss_global"] + a.intra_weight * parts["loss_intra"]
                              + a.local_weight * parts["loss_local"])
         return {"loss": total, **parts}

@@ -71,34 +71,39 @@ def queue_infonce(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, tempe
 
 
 def hardest_negative_triplet(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float,
-                             gather_with_grad: bool = False) -> dict[str, torch.Tensor]:
+                             gather_with_grad: bool = False, hardest: bool = True) -> dict[str, torch.Tensor]:
     """Returns {"loss", "loss_i2t", "loss_t2i"}: the VSE++ max-violation hinge loss (Faghri et al. 2018),
     per query max_{negative k} [margin + s(q, k) - s(q, its pair)]_+, averaged over the batch (VSE++ sums;
     the mean keeps the scale independent of the batch size). img, txt (B, D) are pairs (row i of each);
-    keys with the query's id are positives, never negatives."""
+    keys with the query's id are positives, never negatives. `hardest=False`: the sum over the negatives instead
+    of the max (VSE0, the warm-up of VSE-infinity)."""
     pair = (img * txt).sum(1)
     parts = {}
     for name, (queries, keys, key_ids) in {"loss_i2t": (img, *_keys(txt, ids, gather_with_grad)),
                                            "loss_t2i": (txt, *_keys(img, ids, gather_with_grad))}.items():
-        parts[name] = max_violation(queries @ keys.T, pair, ids[:, None] != key_ids[None, :], margin).mean()
+        parts[name] = violation(queries @ keys.T, pair, ids[:, None] != key_ids[None, :], margin, hardest).mean()
     return {"loss": parts["loss_i2t"] + parts["loss_t2i"], **parts}
 
 
-def max_violation(scores: torch.Tensor, pair: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
+def violation(scores: torch.Tensor, pair: torch.Tensor, negative: torch.Tensor, margin: float,
+              hardest: bool = True) -> torch.Tensor:
     """Returns (Q,) max_{k negative} [margin + scores[q, k] - pair[q]]_+ of (Q, K) scores, (Q,) scores of each query's
-    own pair and the (Q, K) bool `negative` mask (0 for a query without a negative)."""
-    return (margin + scores - pair[:, None]).clamp(min=0).masked_fill(~negative, 0.0).max(1).values
+    own pair and the (Q, K) bool `negative` mask (0 for a query without a negative); `hardest=False`: the sum over
+    the negatives k instead of the max."""
+    hinge = (margin + scores - pair[:, None]).clamp(min=0).masked_fill(~negative, 0.0)
+    return hinge.max(1).values if hardest else hinge.sum(1)
 
 
-def hardest_negative_hinge(scores: torch.Tensor, ids: torch.Tensor, margin: float) -> dict[str, torch.Tensor]:
+def hardest_negative_hinge(scores: torch.Tensor, ids: torch.Tensor, margin: float,
+                           hardest: bool = True) -> dict[str, torch.Tensor]:
     """Returns {"loss", "loss_i2t", "loss_t2i"}: `hardest_negative_triplet` on any (B, B) score matrix, S[i, j] =
     s(image of row i, caption j), pairs on the diagonal (e.g. a local token-matching score):
     i2t = mean_i max_{j: ids_j != ids_i} [m + S_ij - S_ii]_+, t2i = mean_j max_{i: ids_i != ids_j} [m + S_ij - S_jj]_+,
-    loss = i2t + t2i."""
+    loss = i2t + t2i (`hardest=False`: sums over j, i instead of the max)."""
     negative = ids[:, None] != ids[None, :]
     pair = scores.diagonal()
-    i2t = max_violation(scores, pair, negative, margin).mean()
-    t2i = max_violation(scores.T, pair, negative, margin).mean()
+    i2t = violation(scores, pair, negative, margin, hardest).mean()
+    t2i = violation(scores.T, pair, negative, margin, hardest).mean()
     return {"loss": i2t + t2i, "loss_i2t": i2t, "loss_t2i": t2i}
 
 

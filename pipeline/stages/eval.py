@@ -1,6 +1,7 @@
 """The eval stage (the trained method on `eval.split`) and the zero-shot benchmark."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pandas as pd
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, RerankConfig, to_dict
 from pipeline.fingerprint import digest
 from pipeline.io import atomic_dir
 from pipeline.stages.base import StageResult, _commit, log
@@ -115,6 +116,15 @@ def run_eval(cfg: Config, tracker: Tracker, sources: dict[str, StageResult], tra
             metrics["two_stage_seconds"] = embed_seconds + two["seconds"]  # embedding + top-k + rescoring
             log(f"eval: two-stage rsum {two['rsum']:.1f} (one-stage {metrics['rsum']:.1f}), candidate recall "
                 + ", ".join(f"{k.split('_')[0]} {v:.1f}%" for k, v in two.items() if k.endswith("candidate_recall")))
+        if method.rerank is not None and ec.full_rerank:
+            every = RerankConfig(i2t=inputs.num_captions, t2i=inputs.num_images)  # every gallery item a candidate
+            full, ranks["trained, full local"] = two_stage_eval(method, inputs, img, txt,
+                                                                dataclasses.replace(ec, rerank_k=every))
+            rows[f"{trained_name}, full local"] = {k: v for k, v in full.items()
+                                                  if k != "seconds" and not k.endswith("candidate_recall")}
+            metrics.update({f"full_local_{k}": v for k, v in rows[f"{trained_name}, full local"].items()})
+            metrics["full_local_seconds"] = embed_seconds + full["seconds"]
+            log(f"eval: full local scoring rsum {full['rsum']:.1f} in {full['seconds']:.1f} s")
         reference = frozen_reference(sources, ec.split)
         if reference is not None:
             rows["frozen features (untrained)"], ranks["frozen features"] = evaluate_split(

@@ -96,7 +96,7 @@ def _extract_pool(cfg: Config, store_dir, run_id: str, items: list[dict], rows: 
     reach = reachable_resources()  # with an autoscaler: the nodes it may still start
     reachable, _ = actor_pool(max(1, int(reach.get("CPU", 1))), node_cpus, reach.get("GPU", 0), len(items),
                               gpus, per_actor)
-    low, high = pool_bounds(actors, reachable, len(items), *_pool_config(cfg))
+    low, high = pool_bounds(actors, reachable, len(items), cfg.features.min_actors, cfg.features.max_actors)
     log(f"extract: actor pool of {low}" + (f" to {high}" if high > low else "") + " actors")
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardFeatureWriter,
@@ -128,12 +128,6 @@ def lost_worker(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def _pool_config(cfg: Config) -> tuple[int, int]:
-    """Returns (features.min_actors, features.max_actors) of the extract actor pool, 0 meaning "size it from the
-    cluster" (also for a FeaturesConfig without these keys)."""
-    return getattr(cfg.features, "min_actors", 0) or 0, getattr(cfg.features, "max_actors", 0) or 0
 
 
 def run_import(cfg: Config, tracker: Tracker) -> StageResult:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, TrainConfig, to_dict
+from pipeline.config import OPERATIONAL_FEATURES, Config, TrainConfig, to_dict
 from pipeline.fingerprint import digest, frame_digest
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.stages.base import StageResult, _cached, _commit, log
@@ -36,14 +36,22 @@ def resolve_method(tc: TrainConfig):
     return cls, args
 
 
+def train_identity(tc: TrainConfig) -> dict:
+    """Returns the train config as a dict less where and how the run is kept (`OPERATIONAL`, and the guide
+    extractor's `OPERATIONAL_FEATURES`): what a trained model's identity depends on."""
+    train = {k: v for k, v in to_dict(tc).items() if k not in OPERATIONAL}
+    if train.get("guide"):
+        train["guide"] = {k: v for k, v in train["guide"].items() if k not in OPERATIONAL_FEATURES}
+    return train
+
+
 def train_fingerprint(tc: TrainConfig, args, **inputs) -> str:
     """Returns the train stage's fingerprint: its inputs, the train config less where and how the run is kept, and
     the method's own arguments with their defaults filled in (another method's arguments never enter it)."""
     from pipeline.methods import method_class
     from pipeline.methods.base import args_dict
 
-    train = {k: v for k, v in to_dict(tc).items() if k not in OPERATIONAL}
-    return digest({**inputs, "train": {**train, "method_args": args_dict(args)},
+    return digest({**inputs, "train": {**train_identity(tc), "method_args": args_dict(args)},
                    "method_version": method_class(tc.method).version})
 
 

@@ -202,7 +202,9 @@ def fit_end_to_end(shard_dir: storage.Location, manifest: pd.DataFrame, model_na
             "model_name": model_name, "pretrained": pretrained, "train": tc, "method_args": method_args,
             "steps_per_epoch": pairs // batch,
             "val_shards": [str(storage.join(shard_dir, name)) for name in val["shard"]],
-            "threads_per_worker": max(1, int(cpus_per_worker)), "mlflow_uri": mlflow_uri,
+            # Ray reserves data_cpus for the tar readers, but torch may use every core: the readers mostly wait
+            # on I/O (decoding runs in the workers' collate), and a reserved core left idle halves a 2-core machine
+            "threads_per_worker": max(1, cpus // num_workers), "mlflow_uri": mlflow_uri,
             "mlflow_run_id": mlflow_run_id,
         },
         datasets={"train": shard_dataset(paths, train["num_samples"].tolist(), tc["seed"])},

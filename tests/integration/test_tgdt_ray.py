@@ -20,7 +20,7 @@ def test_tgdt_trains_two_phases_and_evaluates_two_stage(ray_cluster, tracker, tm
         f"workdir={tmp_path / 'w'}", "train.method=tgdt", "train.lr=1e-3", "train.max_failures=0",
         "train.method_args={embed_dim: 32, ffn_dim: 64, region_layers: 1, lower_layers: 1, top_layers: 1, "
         "max_regions: 4, max_tokens: 16}",
-        "eval.rerank_k={i2t: 20, t2i: 10}"])
+        "eval.rerank_k={i2t: 20, t2i: 10}", "eval.full_rerank=true"])
     results = run_stages(cfg, tracker)
     trained = results["train"]
 
@@ -38,3 +38,6 @@ def test_tgdt_trains_two_phases_and_evaluates_two_stage(ray_cluster, tracker, tm
     for direction in ("i2t", "t2i"):  # a positive outside the candidates is a miss: recall <= candidate recall
         assert metrics[f"two_stage_{direction}_R@10"] <= metrics[f"two_stage_{direction}_candidate_recall"] + 1e-9
     assert "tgdt (trained), two-stage" in results["eval"].info["table"]
+    # the full local row: every pair rescored, so no positive is ever outside the candidates
+    assert "tgdt (trained), full local" in results["eval"].info["table"] and metrics["full_local_seconds"] > 0
+    assert not any(k.startswith("full_local_") and k.endswith("candidate_recall") for k in metrics)

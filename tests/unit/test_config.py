@@ -37,6 +37,8 @@ def test_overrides_parse_yaml_values_and_numbers_in_yaml11_form(tmp_path):
     ("train: {phases: [{name: a, epochs: 0}]}", "needs epochs > 0 and a non-empty"),
     ("train: {method_args: 3}", "train.method_args: expected a mapping"),
     ("features: {precision: fp8}", "features.precision"),
+    ("features: {min_actors: -1}", "features.min_actors: must be >= 0, got -1"),
+    ("features: {min_actors: 4, max_actors: 2}", "exceeds features.max_actors"),
     ("shard: {shard_size: 0}", "shard.shard_size: must be positive"),
     ("eval: {protocol: coco-2k}", "eval.protocol: expected one of coco-1k, coco-5k, f30k-1k, generic"),
     ("eval: {zero_shot: [{model: x, batchsize: 3}]}", "unknown config key eval.zero_shot[0].batchsize"),
@@ -63,3 +65,16 @@ def test_zero_shot_list_of_extractor_sections(tmp_path):
 def test_flatten_gives_dotted_params():
     flat = flatten(to_dict(load_config(None)))
     assert flat["train.lr"] == 1e-3 and flat["data.synth.seed"] == 0 and "tracking.uri" in flat
+
+
+def test_operational_features_leave_the_train_fingerprint_alone():
+    """The guide extractor's batch size or actor pool says how it runs, not what it computes."""
+    from pipeline.methods.user import UserArgs
+    from pipeline.stages.train import train_fingerprint
+
+    def fp(*overrides):
+        cfg = load_config(None, ["train.method=user", "train.guide={model: itr-vit-micro-32}", *overrides])
+        return train_fingerprint(cfg.train, UserArgs(), features="f")
+
+    assert fp() == fp("train.guide.batch_size=7", "train.guide.max_actors=3", "features.min_actors=2")
+    assert fp() != fp("train.guide.model=itr-vit-tiny-64")

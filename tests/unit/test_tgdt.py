@@ -114,6 +114,39 @@ def test_loss_terms_follow_the_phase():
                                                             "loss_local"}
 
 
+def test_the_hinges_sum_over_the_negatives_in_each_parts_first_epochs():
+    """The warm-up: the first `mean_negative_epochs` epochs that train a part (counted in checkpointed buffers) sum
+    its hinges over all negatives, later ones take the hardest."""
+    from pipeline.nn.losses import hardest_negative_triplet
+
+    method = small_method(mean_negative_epochs=1)
+    local, cmc = phases_of(method, dataclasses.asdict(TrainConfig(epochs=4)))
+    torch.manual_seed(1)
+    unit = [torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1) for _ in range(2)]
+    glob = [torch.nn.functional.normalize(torch.randn(3, 4), dim=-1) * 0.3 + 0.7 for _ in range(2)]
+    glob = [torch.nn.functional.normalize(g, dim=-1) for g in glob]  # close together: several violations a row
+    out = {"image_lower": unit[0], "image_top": unit[0], "text_lower": unit[1], "text_top": unit[1],
+           "image_mask": torch.ones(3, 2), "text_mask": torch.ones(3, 2), "image": glob[0], "text": glob[1]}
+    batch = {"ids": torch.tensor([0, 1, 2])}
+    apply_phase(method, local)
+    method.on_epoch_start(0, None, None)
+    assert (int(method.lower_epochs), int(method.top_epochs)) == (1, 0)
+    local_sum = method.loss(out, batch, None)["loss_local_lower"]
+    method.on_epoch_start(1, None, None)
+    assert method.loss(out, batch, None)["loss_local_lower"] < local_sum  # the hardest negative only
+    apply_phase(method, cmc)
+    method.on_epoch_start(2, None, None)
+    summed = hardest_negative_triplet(glob[0], glob[1], batch["ids"], 0.2, hardest=False)["loss"]
+    hardest = hardest_negative_triplet(glob[0], glob[1], batch["ids"], 0.2)["loss"]
+    assert summed > hardest > 0
+    assert method.loss(out, batch, None)["loss_global"].item() == pytest.approx(summed.item())
+    method.on_epoch_start(3, None, None)
+    assert method.loss(out, batch, None)["loss_global"].item() == pytest.approx(hardest.item())
+    assert int(method.state_dict()["top_epochs"]) == 2  # in every checkpoint: a resumed run warms up alike
+    with pytest.raises(ValueError, match="mean_negative_epochs: must be >= 0"):
+        parse_args(method_class("tgdt"), {"mean_negative_epochs": -1})
+
+
 def test_arguments_and_phase_split_are_checked():
     cls = method_class("tgdt")
     with pytest.raises(ValueError, match="rerank_tokens: expected one of lower, top"):
@@ -245,6 +278,28 @@ def test_a_positive_outside_the_candidates_is_a_miss_never_a_hit():
         assert metrics[f"{direction}_candidate_recall"] == pytest.approx(recall)
         assert all(metrics[f"{direction}_R@{k}"] <= recall + 1e-9 for k in (1, 5, 10))
         assert metrics[f"{direction}_R@10"] == pytest.approx(recall)  # every found one ranks < 2 <= 10
+
+
+def test_the_full_local_row_ranks_every_pair_by_the_rerank_score():
+    """`eval.full_rerank`: two-stage eval with every gallery item a candidate is the ranking by S_final itself: a
+    query's rank = the negatives scoring at least its best positive."""
+    from pipeline.eval.metrics import recall_metrics
+    from pipeline.stages.eval import two_stage_eval
+
+    split = synthetic_split(num_images=8)
+    method = small_method()
+    inputs = feature_inputs(type(method), method.args, split)
+    img, txt = embed_inputs(method, inputs, torch.device("cpu"))
+    n, m = split.num_images, split.num_captions
+    metrics, (i2t, t2i) = two_stage_eval(method, inputs, img, txt, EvalConfig(rerank_k=RerankConfig(i2t=m, t2i=n)))
+    is_pos = torch.as_tensor(split.caption_image)[None, :] == torch.arange(n)[:, None]  # (images, captions)
+    for direction, ranks, pos in (("i2t", i2t, is_pos), ("t2i", t2i, is_pos.T)):
+        queries, gallery = pos.shape
+        s = method.rerank(inputs, direction, torch.arange(queries), torch.arange(gallery).expand(queries, -1))
+        best = s.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
+        assert np.array_equal(ranks, ((s >= best) & ~pos).sum(1).numpy()), direction
+        assert metrics[f"{direction}_candidate_recall"] == 100.0
+    assert metrics["rsum"] == pytest.approx(recall_metrics(i2t, t2i)["rsum"])
 
 
 @pytest.mark.parametrize("name", ["tgdt-synth", "tgdt-coco", "tgdt-f30k"])
