@@ -145,6 +145,7 @@ def train(method, split: FlatSplit, epochs: int, batch_size: int, lr: float) -> 
         optimizer, scheduler = new_optimizer(method, phase, tc, steps)
         for _ in range(phase.epochs):
             method.train()
+            method.on_epoch_start(epoch, inputs, state)  # as the engine: counts the epochs of the hinges' warm-up
             losses = [train_step(method, method, state, optimizer, scheduler, inputs.batch(rows), tc, "fp32", cpu)
                       ["loss"] for rows in epoch_batches(split.num_captions, batch_size, 0, epoch, 0, 1)]
             print(f"train epoch {epoch + 1} ({phase.name}): loss {np.mean(losses):.3f}", flush=True)
