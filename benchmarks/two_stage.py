@@ -19,7 +19,7 @@ Full scoring costs ~(gallery / k) times more, so it is timed on a random sample 
 Last line: `speedup X (target >= 10); r1 ratio Y (target >= 0.99)`, X = per-query seconds of full local / two-stage
 (both directions together), Y = two-stage R@1 / full-local R@1 over the same sampled queries (both directions).
 
-    .venv/bin/python benchmarks/two_stage.py [--images 5000] [--train-images 2000] [--sample 100] [--epochs 2]
+    .venv/bin/python benchmarks/two_stage.py [--images 5000] [--train-images 2000] [--sample 100] [--epochs 4]
     .venv/bin/python benchmarks/two_stage.py --all-queries     # two-stage over every query too (its time and R@1)
     .venv/bin/python benchmarks/two_stage.py --embed-dim 1024 --ffn-dim 2048 --lower-layers 2 --top-layers 2
 """
@@ -188,7 +188,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000, help="gallery images (x5 captions)")
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--sample", type=int, default=100, help="queries per direction scored both ways")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (half local, half cmc)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs (half local, half cmc)")
+    parser.add_argument("--local-weight", type=float, default=0.02, help="weight of the local terms (as tgdt-synth)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--region-width", type=int, default=256)
@@ -212,7 +213,8 @@ def main() -> None:
     torch.manual_seed(0)
     method = create_method("tgdt", {"embed_dim": opt.embed_dim, "ffn_dim": opt.ffn_dim, "region_layers": 1,
                                     "lower_layers": opt.lower_layers, "top_layers": opt.top_layers,
-                                    "max_regions": REGIONS, "max_tokens": MAX_TOKENS},
+                                    "max_regions": REGIONS, "max_tokens": MAX_TOKENS,
+                                    "local_weight": opt.local_weight},
                            {"regions": opt.region_width, "boxes": 4, "tokens": opt.token_width})
     seconds = train(method, train_split, opt.epochs, opt.batch_size, opt.lr)
     print(f"trained on {train_split.num_captions} captions in {seconds:.1f} s")
